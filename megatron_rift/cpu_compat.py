@@ -1,0 +1,156 @@
+"""Run Megatron-Core 0.16.x on machines without CUDA (gloo backend, CPU tensors).
+
+Megatron-Core hard-codes CUDA in many places that are otherwise device-agnostic: ``device="cuda"``
+literals in the pipeline schedules, ``torch.cuda.current_device()`` in DDP's grad buffers and the
+optimizer, ``.cuda()`` calls, ``Tensor.type() == "torch.cuda.FloatTensor"`` checks in the distributed
+optimizer, ``torch.cuda.synchronize()`` in dist_checkpointing. Rather than patching each call site,
+this module installs one process-wide :class:`torch.overrides.TorchFunctionMode` that maps every
+CUDA device request to the CPU, plus a handful of ``torch.cuda`` stand-ins.
+
+This is the only place in megatron_rift that works around CUDA assumptions. It is a no-op when CUDA is
+available (:func:`enable_cpu_compat` returns ``False``), so GPU runs use Megatron-Core untouched.
+The remap costs about 20% of step time on CPU; keep it in mind when reading CPU timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+_lock = threading.Lock()
+_mode: "_CudaToCpuMode | None" = None
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # Megatron passes torch.cuda.current_device() (an int) as a device index.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _cpu_if_cuda(device):
+    return _CPU if _is_cuda_device(device) else device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU for every torch function call."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_if_cuda(kwargs["device"])
+        name = getattr(func, "__name__", "")
+        if name == "cuda" and args and isinstance(args[0], torch.Tensor):
+            return args[0]
+        if name == "to" and args and isinstance(args[0], torch.Tensor):
+            args = tuple(_cpu_if_cuda(a) if i > 0 else a for i, a in enumerate(args))
+        if name == "type" and args and isinstance(args[0], torch.Tensor):
+            if len(args) == 1 and not kwargs:
+                # Report CPU tensors as CUDA ones so Megatron's type-string checks pass.
+                return func(*args).replace("torch.", "torch.cuda.", 1)
+            target = args[1] if len(args) > 1 else kwargs.get("dtype")
+            if isinstance(target, str) and ".cuda." in target:
+                args = (args[0], target.replace(".cuda.", ".", 1)) + tuple(args[2:])
+        if name in ("pin_memory",) and args and isinstance(args[0], torch.Tensor):
+            return args[0]
+        return func(*args, **kwargs)
+
+
+def _noop(*_args, **_kwargs):
+    return None
+
+
+class _NullStream:
+    """Stand-in for ``torch.cuda.Stream`` / events: CPU work is already synchronous."""
+
+    def __init__(self, *_args, **_kwargs):
+        pass
+
+    def wait_stream(self, *_a, **_k):
+        return None
+
+    def wait_event(self, *_a, **_k):
+        return None
+
+    def record_event(self, *_a, **_k):
+        return _NullStream()
+
+    def record(self, *_a, **_k):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, _other):
+        return 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: 0
+    cuda.synchronize = _noop
+    cuda.set_device = _noop
+    cuda.empty_cache = _noop
+    cuda.Stream = _NullStream
+    cuda.Event = _NullStream
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.stream = lambda *_a, **_k: contextlib.nullcontext()
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.reset_peak_memory_stats = _noop
+    # The CUDA RNG tracker (tensor_parallel/random.py) saves and restores CUDA generator states;
+    # on CPU the CPU generator plays that role.
+    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the generator directly.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(int(seed))
+
+
+def _patch_megatron_rng() -> None:
+    # The RNG tracker restores generator states through torch.cuda._lazy_call, which never runs
+    # without CUDA: the CPU generator would be left on a per-TP-rank seed and TP=1 and TP=2 would
+    # initialize different weights. Restore the CPU generator instead.
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    def _set_rng_state_on_cpu(new_state, device=-1, graph_safe=False):
+        torch.default_generator.set_state(new_state)
+
+    mcore_random._set_cuda_rng_state = _set_rng_state_on_cpu
+
+
+def enable_cpu_compat() -> bool:
+    """Install the CUDA->CPU remap once per process when CUDA is absent.
+
+    Returns True when the remap is active (no CUDA), False on a CUDA machine (nothing changed).
+    """
+    global _mode
+    if torch.cuda.is_available():
+        return False
+    with _lock:
+        if _mode is None:
+            _patch_torch_cuda()
+            _patch_megatron_rng()
+            _mode = _CudaToCpuMode()
+            _mode.__enter__()
+    return True
+
+
+def cpu_compat_active() -> bool:
+    return _mode is not None

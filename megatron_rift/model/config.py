@@ -1,0 +1,126 @@
+"""``GPTArchitecture``: the architecture of a GPT model as one JSON-serializable record.
+
+The converter writes it next to a checkpoint (``model_config.json``) and the trainer reads it back,
+so nobody retypes ``--num-layers`` by hand. :func:`to_transformer_config` turns it into Megatron-Core's
+``TransformerConfig``, the object every layer is built from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+@dataclasses.dataclass
+class GPTArchitecture:
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # GQA: kv heads; None means = num_attention_heads
+    ffn_hidden_size: int | None = None  # None means 4 * hidden_size
+    kv_channels: int | None = None  # head dim; None means hidden_size // num_attention_heads
+    vocab_size: int = 256  # the tokenizer's vocabulary, before padding for TP
+    max_position_embeddings: int = 4096
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-6
+    normalization: str = "RMSNorm"
+    add_qkv_bias: bool = False  # Qwen2
+    qk_layernorm: bool = False  # Qwen3
+    tie_word_embeddings: bool = True
+    swiglu: bool = True
+    make_vocab_size_divisible_by: int = 128
+    hf_model_type: str | None = None  # llama / qwen2 / qwen3 when converted from HF
+
+    def __post_init__(self):
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.kv_channels is None:
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
+        """Megatron's rule: pad to a multiple of make-vocab-size-divisible-by x TP."""
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
+
+    def check_parallel(self, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+        """Raise ValueError with a readable reason when TP/PP cannot split this model."""
+        problems = []
+        tp, pp = tensor_parallel_size, pipeline_parallel_size
+        if self.num_attention_heads % tp:
+            problems.append(f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                            f"tensor-model-parallel-size={tp}")
+        if self.num_query_groups % tp:
+            problems.append(f"num_query_groups (kv heads)={self.num_query_groups} is not divisible "
+                            f"by tensor-model-parallel-size={tp}")
+        if self.ffn_hidden_size % tp:
+            problems.append(f"ffn_hidden_size={self.ffn_hidden_size} is not divisible by "
+                            f"tensor-model-parallel-size={tp}")
+        if self.num_layers % pp:
+            problems.append(f"num_layers={self.num_layers} is not divisible by "
+                            f"pipeline-model-parallel-size={pp}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / MODEL_CONFIG_FILE
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "GPTArchitecture":
+        path = Path(folder) / MODEL_CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: not a converted checkpoint folder "
+                                    "(convert one with tools/convert_hf_to_megatron.py)")
+        data = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown fields {unknown}")
+        return cls(**data)
+
+
+def to_transformer_config(arch: GPTArchitecture, params_dtype: torch.dtype = torch.float32,
+                          **overrides) -> TransformerConfig:
+    """Build Megatron-Core's TransformerConfig. ``overrides`` go straight to TransformerConfig
+    (parallel sizes, bf16, fp8, ...)."""
+    kwargs = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        kv_channels=arch.kv_channels,
+        layernorm_epsilon=arch.norm_epsilon,
+        normalization=arch.normalization,
+        add_bias_linear=False,
+        add_qkv_bias=arch.add_qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
+        gated_linear_unit=arch.swiglu,
+        activation_func=torch.nn.functional.silu if arch.swiglu else torch.nn.functional.gelu,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # Master weights initialized whole on CPU then split: the same model at any TP.
+        use_cpu_initialization=True,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        init_method_std=0.02,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)

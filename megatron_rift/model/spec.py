@@ -1,0 +1,49 @@
+"""The transformer layer spec: Transformer Engine where it imports, Megatron's local spec elsewhere.
+
+TE layers fuse the pre-attention and pre-MLP norms into ``linear_qkv`` / ``linear_fc1`` and are
+required for FP8. Without TE we take Megatron's local spec and swap its CUDA-only core attention for
+:class:`SDPACoreAttention`. Either way ``qk_layernorm`` must be passed here: setting it on
+``TransformerConfig`` alone is silently ignored (Qwen3 depends on it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_rift.model.sdpa_attention import SDPACoreAttention
+
+
+def transformer_engine_available() -> bool:
+    """True when TE imports and a CUDA device exists (TE layers cannot run on CPU)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def get_layer_spec(use_te: bool | None = None, qk_layernorm: bool = False,
+                   normalization: str = "RMSNorm") -> ModuleSpec:
+    """Layer spec for GPTModel. ``use_te=None`` picks TE when available."""
+    if use_te is None:
+        use_te = transformer_engine_available()
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+    attention = spec.submodules.self_attention
+    attention.submodules = dataclasses.replace(attention.submodules, core_attention=SDPACoreAttention)
+    return spec
+
+
+def spec_uses_te(spec: ModuleSpec) -> bool:
+    qkv = spec.submodules.self_attention.submodules.linear_qkv
+    return "TELayerNorm" in getattr(qkv, "__name__", "") or "TE" in getattr(qkv, "__name__", "")

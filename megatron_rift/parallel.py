@@ -1,0 +1,77 @@
+"""Process-group and Megatron parallel-state setup for torchrun launches (or a single process).
+
+NCCL on GPUs; gloo plus :mod:`megatron_rift.cpu_compat` on CPU machines.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_rift.cpu_compat import enable_cpu_compat
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_from_env() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                     seed: int = 1234, timeout_minutes: float = 10.0) -> None:
+    """Initialize torch.distributed (env:// as torchrun sets it) and Megatron's parallel state.
+
+    A plain ``python`` launch works too: it becomes a world of one on a free local port.
+    """
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        enable_cpu_compat()
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend="nccl" if on_gpu else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+        )
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy, torch and Megatron's model-parallel RNG tracker."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
