@@ -33,4 +33,6 @@ def build_gpt_model(arch: GPTArchitecture, config: TransformerConfig, use_te: bo
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=arch.rotary_base,
+        rope_scaling=arch.rope_scaling,
+        rope_scaling_factor=arch.rope_scaling_factor,
     )

@@ -28,6 +28,8 @@ class GPTArchitecture:
     vocab_size: int = 256  # the tokenizer's vocabulary, before padding for TP
     max_position_embeddings: int = 4096
     rotary_base: float = 10000.0
+    rope_scaling: bool = False  # Llama-3.x "llama3" RoPE frequency scaling (Megatron-Core's fixed variant)
+    rope_scaling_factor: float = 8.0
     norm_epsilon: float = 1e-6
     normalization: str = "RMSNorm"
     add_qkv_bias: bool = False  # Qwen2

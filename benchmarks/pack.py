@@ -1,0 +1,118 @@
+"""Benchmark tools/pack_rollouts: rollouts per second and peak memory.
+
+Synthetic rollouts (64-token prompts, 256-token responses, 8 per problem) are written as JSONL and
+packed with a word-level HF tokenizer built on the fly (one token per word), with 1 and 2 worker
+processes; the same at a quarter of the size shows whether peak memory depends on input size.
+Each run is a fresh process (imports done before the clock starts) whose resident memory, and that
+of its workers, is sampled every 50 ms.
+
+    .venv/bin/python benchmarks/pack.py                 # 200k and 50k rollouts, 1 and 2 workers
+    .venv/bin/python benchmarks/pack.py --sizes 20000 --workers 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB_WORDS = [f"w{i}" for i in range(8000)]
+
+CHILD = """
+import json, sys, time, warnings
+warnings.filterwarnings("ignore")
+import megatron.core.datasets.indexed_dataset  # import cost is not packing cost
+from megatron_rift.data import PackConfig, pack_rollouts
+args = json.loads(sys.argv[1])
+start = time.perf_counter()
+summary = pack_rollouts(PackConfig(inputs=[args["input"]], output_prefix=args["prefix"],
+                                   tokenizer=args["tokenizer"], workers=args["workers"],
+                                   overwrite=True, progress=False))
+elapsed = time.perf_counter() - start
+print(json.dumps({"seconds": elapsed, "rollouts": summary["rollouts"],
+                  "tokens": summary["total_tokens"]}))
+"""
+
+
+def write_rollouts(path: Path, count: int, prompt_len: int, response_len: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    words = np.array(VOCAB_WORDS)
+    with open(path, "w") as handle:
+        for start in range(0, count, 4096):
+            n = min(4096, count - start)
+            ids = rng.integers(0, len(words), size=(n, prompt_len + response_len))
+            correct = rng.random(n) < 0.5
+            for j in range(n):
+                row = words[ids[j]]
+                problem = (start + j) // 8
+                handle.write(json.dumps({
+                    "prompt_id": problem, "prompt": " ".join(row[:prompt_len]),
+                    "response": " ".join(row[prompt_len:]), "correct": bool(correct[j])}) + "\n")
+
+
+def run_one(input_path: Path, tokenizer: Path, prefix: Path, workers: int) -> dict:
+    spec = json.dumps({"input": str(input_path), "tokenizer": str(tokenizer),
+                       "prefix": str(prefix), "workers": workers})
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, spec], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=str(REPO), env=env)
+    watched = psutil.Process(proc.pid)
+    peak_main = peak_total = 0
+    while proc.poll() is None:
+        try:
+            main_rss = watched.memory_info().rss
+            total = main_rss + sum(c.memory_info().rss for c in watched.children(recursive=True))
+        except psutil.Error:
+            continue
+        peak_main, peak_total = max(peak_main, main_rss), max(peak_total, total)
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"packing failed:\n{err[-4000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result.update(peak_main_mib=peak_main / 2**20, peak_total_mib=peak_total / 2**20)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[200_000, 50_000])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--response-tokens", type=int, default=256)
+    parser.add_argument("--workdir", default=None, help="default: a temporary folder")
+    args = parser.parse_args()
+    from megatron_rift.data.tiny_tokenizers import build_wordlevel_tokenizer
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        tokenizer = build_wordlevel_tokenizer(tmp / "tokenizer", VOCAB_WORDS)
+        print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.2f}")
+        print("| rollouts | input MiB | workers | seconds | rollouts/s | tokens/s | "
+              "peak RSS main (MiB) | peak RSS main+workers (MiB) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for size in args.sizes:
+            data = tmp / f"rollouts_{size}.jsonl"
+            write_rollouts(data, size, args.prompt_tokens, args.response_tokens)
+            for workers in args.workers:
+                r = run_one(data, tokenizer, tmp / f"packed_{size}_{workers}", workers)
+                assert r["rollouts"] == size
+                print(f"| {size} | {data.stat().st_size / 2**20:.0f} | {workers} | "
+                      f"{r['seconds']:.1f} | {size / r['seconds']:.0f} | "
+                      f"{r['tokens'] / r['seconds'] / 1e6:.2f}M | {r['peak_main_mib']:.0f} | "
+                      f"{r['peak_total_mib']:.0f} |", flush=True)
+            data.unlink()
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Checkpoint folders in Megatron-LM's layout, written with ``dist_checkpointing`` and published atomically.
+
+Layout (what Megatron-LM users expect)::
+
+    CKPT/
+      model_config.json                  GPTArchitecture: the model's shape, read back by every tool
+      tokenizer/                         tokenizer files (optional)
+      latest_checkpointed_iteration.txt  "release" (a converted model) or the last saved iteration
+      release/  or  iter_0000100/        a dist_checkpointing (torch_dist) folder
+
+Inside an iteration folder the sharded state dict has a ``model`` entry (the unwrapped GPTModel's
+``sharded_state_dict()``, reshardable across TP/PP) and, in training checkpoints, more entries
+(optimizer, scheduler, RNG, data position) that model-only readers simply do not request.
+
+Crash safety: each save goes to a hidden temporary folder, is renamed into place once every rank has
+finished writing, and only then does the tracker file move (write + ``os.replace``). A crash at any
+point leaves the previous checkpoint and tracker intact.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+RELEASE = "release"
+
+
+def iteration_dir_name(iteration: int | str) -> str:
+    return RELEASE if iteration == RELEASE else f"iter_{int(iteration):07d}"
+
+
+def read_tracker(ckpt_root: str | Path) -> int | str | None:
+    """The iteration the tracker points at: an int, ``"release"``, or None when there is none."""
+    path = Path(ckpt_root) / TRACKER_FILE
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if text == RELEASE:
+        return RELEASE
+    try:
+        return int(text)
+    except ValueError as err:
+        raise ValueError(f"{path}: expected an iteration number or 'release', found {text!r}") from err
+
+
+def latest_checkpoint_dir(ckpt_root: str | Path) -> Path | None:
+    """Folder of the checkpoint the tracker names, or None when the root has no checkpoint."""
+    iteration = read_tracker(ckpt_root)
+    if iteration is None:
+        return None
+    folder = Path(ckpt_root) / iteration_dir_name(iteration)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{ckpt_root}/{TRACKER_FILE} names {iteration!r} but {folder} is missing")
+    return folder
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_root: str | Path, iteration: int | str, sharded_state_dict: dict,
+                    keep_last: int | None = None, before_publish=None) -> Path:
+    """Save ``sharded_state_dict`` (collective: every rank calls it) and publish it atomically.
+
+    Returns the published folder. ``keep_last`` prunes older ``iter_*`` folders after publishing.
+    ``before_publish(tmp_folder)``, if given, runs on every rank once all ranks have written the
+    temporary folder and before it is published (the trainer's crash-during-save test hook).
+    """
+    root = Path(ckpt_root)
+    final = root / iteration_dir_name(iteration)
+    tmp = root / f".tmp_{final.name}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a save that crashed
+        tmp.mkdir()
+    _barrier()
+    dist_checkpointing.save(sharded_state_dict, str(tmp))
+    _barrier()
+    if before_publish is not None:
+        before_publish(tmp)
+    if _rank() == 0:
+        if final.exists():
+            # Re-saving the same iteration: move the old one aside first, never leave none.
+            old = root / f".old_{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _write_text_atomically(root / TRACKER_FILE, str(iteration))
+        if keep_last:
+            _prune(root, keep_last, keep=final.name)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int, keep: str) -> None:
+    iters = sorted(p for p in root.glob("iter_*") if p.is_dir())
+    for old in iters[:-keep_last]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(checkpoint_dir: str | Path, sharded_state_dict: dict) -> dict:
+    """Load the entries of ``sharded_state_dict`` from one iteration folder (any TP/PP it was saved at)."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    return dist_checkpointing.load(sharded_state_dict, str(folder))
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers (their sharded keys would carry ``module.``)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def model_sharded_state_dict(model_chunks) -> dict:
+    """``{"model": ...}`` for one model chunk (virtual pipeline chunks are not supported yet)."""
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    if len(chunks) != 1:
+        raise NotImplementedError("virtual pipeline parallelism (several model chunks) is not supported")
+    return {"model": unwrap_model(chunks[0]).sharded_state_dict()}
+
+
+def load_model_weights(ckpt_root_or_dir: str | Path, model_chunks) -> Path:
+    """Load only the model weights into ``model_chunks`` from a checkpoint root (its tracker's
+    iteration) or an iteration folder. Returns the folder read."""
+    path = Path(ckpt_root_or_dir)
+    folder = latest_checkpoint_dir(path) if (path / TRACKER_FILE).exists() else path
+    if folder is None:
+        raise FileNotFoundError(f"no checkpoint in {path}")
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    loaded = load_checkpoint(folder, model_sharded_state_dict(chunks))
+    unwrap_model(chunks[0]).load_state_dict(loaded["model"], strict=True)
+    return folder

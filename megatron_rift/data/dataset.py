@@ -1,0 +1,103 @@
+"""``RewardDataset``: read a packed rollout dataset (``PREFIX.bin/.idx/.rewards.npy/.json``).
+
+Tokens come from Megatron's memory-mapped ``IndexedDataset``; rewards, response starts and groups
+from ``PREFIX.rewards.npy`` opened with ``mmap_mode="r"``. Nothing is loaded eagerly beyond the
+index, so every data-parallel rank can open the same files cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from megatron_rift.data.errors import RolloutDataError
+from megatron_rift.data.packing import FORMAT_NAME, SIDE_DTYPE, output_paths
+
+
+class RewardDataset(torch.utils.data.Dataset):
+    """One item per rollout.
+
+    ``ds[i]`` is a dict:
+
+    * ``tokens``: int32 numpy [L] (read-only view of the memory map): prompt + response + EOS
+      (a truncated overlong rollout has no EOS);
+    * ``loss_mask``: uint8 numpy [L], 1 on response tokens including EOS, 0 on prompt tokens;
+    * ``reward``: float, the training reward (after the packing reward scheme);
+    * ``group``: int, problem id; ``response_start``: int; ``index``: int, = i.
+
+    Attributes: ``lengths`` (int32 [N], tokens per rollout), ``rewards`` (float32 [N]),
+    ``groups`` (int32 [N]), ``info`` (the ``PREFIX.json`` dict), ``pad_id``, ``eos_id``,
+    ``vocab_size``.
+    """
+
+    def __init__(self, prefix: str, mmap: bool = True):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.prefix = str(prefix)
+        paths = output_paths(self.prefix)
+        missing = [p for p in paths.values() if not os.path.isfile(p)]
+        if missing:
+            raise RolloutDataError(
+                f"packed dataset {self.prefix} is incomplete: missing {', '.join(missing)}. "
+                "Re-run tools/pack_rollouts.py for this --output-prefix.")
+        with open(paths[".json"]) as handle:
+            self.info = json.load(handle)
+        if self.info.get("format") != FORMAT_NAME:
+            raise RolloutDataError(f"{paths['.json']} is not a {FORMAT_NAME} description "
+                                   "(written by tools/pack_rollouts.py).")
+        self.tokens = IndexedDataset(self.prefix, mmap=mmap)
+        self.side = np.load(paths[".rewards.npy"], mmap_mode="r")
+        self._check(paths)
+        tokenizer = self.info["tokenizer"]
+        self.pad_id, self.eos_id = int(tokenizer["pad_id"]), int(tokenizer["eos_id"])
+        self.vocab_size = int(tokenizer["vocab_size"])
+
+    def _check(self, paths: dict) -> None:
+        side_file = paths[".rewards.npy"]
+        if self.side.dtype != SIDE_DTYPE or self.side.ndim != 1:
+            raise RolloutDataError(f"{side_file} has dtype {self.side.dtype}, shape "
+                                   f"{self.side.shape}; expected 1-D {SIDE_DTYPE}. Re-pack.")
+        documents = len(self.tokens.document_indices) - 1
+        if not (len(self.tokens) == documents == self.side.shape[0] == self.info.get("rollouts")):
+            raise RolloutDataError(
+                f"packed dataset {self.prefix} does not match itself: {paths['.idx']} holds "
+                f"{len(self.tokens)} sequences in {documents} documents, {side_file} "
+                f"{self.side.shape[0]} rows, {paths['.json']} says {self.info.get('rollouts')} "
+                "rollouts. The files come from different runs; re-pack.")
+        start = np.asarray(self.side["response_start"])
+        if np.any(start < 1) or np.any(start >= self.lengths):
+            bad = int(np.flatnonzero((start < 1) | (start >= self.lengths))[0])
+            raise RolloutDataError(
+                f"{side_file}: rollout {bad} has response_start {start[bad]} outside [1, "
+                f"{self.lengths[bad]}); the side file does not belong to {paths['.idx']}. Re-pack.")
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.tokens.sequence_lengths
+
+    @property
+    def rewards(self) -> np.ndarray:
+        return self.side["reward"]
+
+    @property
+    def groups(self) -> np.ndarray:
+        return self.side["group"]
+
+    def __len__(self) -> int:
+        return self.side.shape[0]
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"rollout {index} out of range for {len(self)} rollouts")
+        index %= len(self)
+        tokens = self.tokens[index]
+        row = self.side[index]
+        start = int(row["response_start"])
+        loss_mask = np.zeros(tokens.shape[0], dtype=np.uint8)
+        loss_mask[start:] = 1
+        return {"tokens": tokens, "loss_mask": loss_mask, "reward": float(row["reward"]),
+                "group": int(row["group"]), "response_start": start, "index": index}

@@ -1,0 +1,194 @@
+"""Stream rollout records from JSONL, JSON or Parquet files and validate each one.
+
+A record is one rollout: ``prompt`` (str), ``response`` (str, not blank) and ``reward`` (a finite
+number) and/or ``correct`` (bool); ``prompt_id`` (str or int) is optional and groups the K
+rollouts of one problem (default: identical prompt text). Field names can be remapped with
+:class:`RolloutFields`.
+
+When both ``reward`` and ``correct`` are given, ``correct`` decides whether the rollout is positive
+and ``reward`` is its raw reward. With ``correct`` only, the raw reward is 1.0 / 0.0.
+
+Formats, chosen by file extension:
+
+* ``.jsonl`` / ``.ndjson`` (optionally ``.gz``): parsed here line by line with ``json.loads`` so
+  that an error names the exact line (``datasets`` reports malformed JSON only by byte offset);
+* ``.json`` (a JSON array, or JSON lines) and ``.parquet``: streamed with
+  ``datasets.load_dataset(..., streaming=True)``; errors name the record number (1-based).
+
+Memory: one record at a time (a JSON array file is parsed whole by ``datasets``/pyarrow).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from megatron_rift.data.errors import RolloutDataError
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
+DATASETS_FORMATS = {".json": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class RolloutFields:
+    """Names of the record fields (``--prompt-key`` etc.)."""
+
+    prompt: str = "prompt"
+    response: str = "response"
+    reward: str = "reward"
+    correct: str = "correct"
+    prompt_id: str = "prompt_id"
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a record came from: ``line`` for JSONL, ``record`` (1-based) otherwise."""
+
+    path: str
+    number: int
+    is_line: bool
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.number}" if self.is_line else f"{self.path}: record {self.number}"
+
+
+@dataclass(frozen=True)
+class Rollout:
+    prompt: str
+    response: str
+    raw_reward: float  # the given reward, or 1.0/0.0 from `correct`
+    outcome: int  # +1 positive (correct, or reward > 0), -1 negative, 0 reward exactly 0 (no `correct`)
+    group_key: bytes  # digest of prompt_id (or of the prompt text): groups a problem's rollouts
+    where: Location
+
+
+def input_format(path: str) -> str:
+    """'jsonl', 'json' or 'parquet' from the file name; a clear error otherwise."""
+    name = Path(path).name.lower()
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    for suffix, fmt in DATASETS_FORMATS.items():
+        if name.endswith(suffix):
+            return fmt
+    raise RolloutDataError(
+        f"{path}: unknown input format; name the file .jsonl (one JSON object per line), .json "
+        "(a JSON array) or .parquet.")
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[object, Location]]:
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+                raise RolloutDataError(
+                    f"{path}:{line_no}: malformed JSON ({exc}). Each line must be one JSON object; "
+                    "fix or remove this line.") from None
+            yield record, Location(path, line_no, True)
+
+
+def _iter_with_datasets(path: str, fmt: str) -> Iterator[tuple[object, Location]]:
+    import datasets
+
+    number = 0
+    try:
+        stream = datasets.load_dataset(fmt, data_files=[path], split="train", streaming=True)
+        for number, record in enumerate(stream, 1):
+            yield record, Location(path, number, False)
+    except RolloutDataError:
+        raise
+    except GeneratorExit:
+        raise
+    except Exception as exc:  # pyarrow / datasets raise many types for a bad file
+        hint = (" If the file holds one JSON object per line, name it .jsonl to get the exact "
+                "line of the error." if fmt == "json" else "")
+        raise RolloutDataError(
+            f"{path}: could not read it as {fmt} with `datasets` after {number} records "
+            f"({type(exc).__name__}: {exc}). Check that the file is valid {fmt}.{hint}") from None
+
+
+def iter_records(paths: Sequence[str]) -> Iterator[tuple[object, Location]]:
+    """Yield ``(record, location)`` for every record of every file, in order."""
+    for path in paths:
+        path = str(path)
+        if not Path(path).is_file():
+            raise RolloutDataError(f"input file {path} does not exist (or is not a file).")
+        fmt = input_format(path)
+        yield from (_iter_jsonl(path) if fmt == "jsonl" else _iter_with_datasets(path, fmt))
+
+
+def _group_key(prompt_id: object, prompt: str) -> bytes:
+    # A 16-byte digest keeps pass 1's group table small even for long prompts.
+    text = f"id:{prompt_id}" if prompt_id is not None else f"prompt:{prompt}"
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def parse_rollout(record: object, fields: RolloutFields, where: Location) -> Rollout:
+    """Validate one record; raise :class:`RolloutDataError` naming ``where`` and the field."""
+    if not isinstance(record, dict):
+        raise RolloutDataError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+
+    def text_field(name: str, flag: str) -> str:
+        value = record.get(name)
+        if value is None:
+            raise RolloutDataError(
+                f"{where}: missing field '{name}'. Add it, or point {flag} at the field that holds "
+                f"it (fields present: {sorted(record)}).")
+        if not isinstance(value, str):
+            raise RolloutDataError(f"{where}: field '{name}' must be a string, got "
+                                   f"{type(value).__name__}.")
+        return value
+
+    prompt = text_field(fields.prompt, "--prompt-key")
+    response = text_field(fields.response, "--response-key")
+    if not response.strip():
+        raise RolloutDataError(f"{where}: field '{fields.response}' is empty; a rollout needs a "
+                               "response to train on. Remove the record or regenerate it.")
+
+    correct = record.get(fields.correct)
+    if correct is not None and not isinstance(correct, bool):
+        raise RolloutDataError(f"{where}: field '{fields.correct}' must be true or false, got "
+                               f"{correct!r}.")
+    reward = record.get(fields.reward)
+    if reward is not None:
+        if isinstance(reward, bool) or not isinstance(reward, Real):
+            raise RolloutDataError(f"{where}: field '{fields.reward}' must be a number, got "
+                                   f"{reward!r}.")
+        reward = float(reward)
+        if not math.isfinite(reward):
+            raise RolloutDataError(f"{where}: field '{fields.reward}' is {reward}; rewards must be "
+                                   "finite numbers. Fix the reward or drop the record.")
+    if reward is None and correct is None:
+        raise RolloutDataError(
+            f"{where}: no reward: give '{fields.reward}' (a finite number) or '{fields.correct}' "
+            "(true/false), or remap them with --reward-key / --correct-key. (A JSON array or "
+            "Parquet file stores NaN as null, so a NaN reward also lands here.)")
+
+    prompt_id = record.get(fields.prompt_id)
+    if prompt_id is not None and (isinstance(prompt_id, bool)
+                                  or not isinstance(prompt_id, (str, Integral))):
+        raise RolloutDataError(f"{where}: field '{fields.prompt_id}' must be a string or an "
+                               f"integer, got {prompt_id!r}.")
+
+    if correct is not None:
+        outcome = 1 if correct else -1
+    else:
+        outcome = (reward > 0) - (reward < 0)
+    raw_reward = reward if reward is not None else float(correct)
+    return Rollout(prompt, response, raw_reward, outcome, _group_key(prompt_id, prompt), where)
+
+
+def iter_rollouts(paths: Sequence[str], fields: RolloutFields = RolloutFields()
+                  ) -> Iterator[Rollout]:
+    """Validated rollouts of all files, in input order."""
+    for record, where in iter_records(paths):
+        yield parse_rollout(record, fields, where)

@@ -1,0 +1,228 @@
+"""K sampled responses per problem from an HF checkpoint folder, scored by a verifier: the rollouts.
+
+Backends: ``transformers`` (``generate`` in batches, left padding, ``num_return_sequences=K``, stops at
+EOS; CPU or GPU) and ``vllm`` (imported only when chosen; ``auto`` picks it when it is installed and a
+GPU is present). Sampling defaults follow the RIFT paper: K=8, temperature 0.7, top-p 0.8 (top-k off).
+With the transformers backend the same seed, batch size and device give identical outputs.
+
+A rollout record (one JSON line; what the packing tool reads)::
+
+    {"prompt_id", "prompt", "response", "answer", "reward", "correct", "sample_index",
+     "finish_reason": "eos" | "length", "num_response_tokens", "question" (when given)}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from megatron_rift.demo.task import PROMPT_TEMPLATE as DEFAULT_PROMPT_TEMPLATE
+from megatron_rift.rewards import Verifier
+
+BACKENDS = ("auto", "transformers", "vllm")
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    num_samples: int = 8  # K responses per problem
+    temperature: float = 0.7
+    top_p: float = 0.8
+    max_new_tokens: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_samples < 1 or self.max_new_tokens < 1:
+            raise ValueError("num_samples and max_new_tokens must be >= 1")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be > 0 and top_p in (0, 1]")
+
+
+@dataclasses.dataclass
+class GenerationProblem:
+    prompt_id: str
+    prompt: str
+    answer: str
+    question: str | None = None
+
+
+@dataclasses.dataclass
+class SampledResponse:
+    text: str
+    finish_reason: str  # "eos" (stopped) or "length" (hit max_new_tokens)
+    num_tokens: int
+
+
+class ProblemsInputError(ValueError):
+    """A bad problem record; the message names the file and line."""
+
+
+def read_generation_problems(path: str | Path,
+                             prompt_template: str = DEFAULT_PROMPT_TEMPLATE) -> list[GenerationProblem]:
+    """Problems JSONL -> problems. Each line needs ``prompt`` (used verbatim) or ``question`` (put into
+    ``prompt_template``), and ``answer``; ``prompt_id`` is optional (default: the line number)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProblemsInputError(f"{path}: no such problems file")
+    problems, seen = [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ProblemsInputError(f"{where}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise ProblemsInputError(f"{where}: expected a JSON object")
+            question, prompt = record.get("question"), record.get("prompt")
+            if not isinstance(prompt, str) and not isinstance(question, str):
+                raise ProblemsInputError(f"{where}: needs a string field 'prompt' or 'question'")
+            if record.get("answer") is None or isinstance(record["answer"], (dict, list, bool)):
+                raise ProblemsInputError(f"{where}: needs field 'answer' (a string or number) to "
+                                         "score the responses")
+            prompt_id = str(record.get("prompt_id", f"{path.stem}-{lineno:06d}"))
+            if prompt_id in seen:
+                raise ProblemsInputError(f"{where}: prompt_id {prompt_id!r} already used on line "
+                                         f"{seen[prompt_id]}")
+            seen[prompt_id] = lineno
+            if not isinstance(prompt, str):
+                prompt = prompt_template.format(question=question)
+            problems.append(GenerationProblem(prompt_id, prompt, str(record["answer"]),
+                                              question if isinstance(question, str) else None))
+    if not problems:
+        raise ProblemsInputError(f"{path}: no problems (the file is empty)")
+    return problems
+
+
+def _progress(total: int, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="problem", disable=os.environ.get("TQDM_DISABLE") == "1")
+
+
+def sample_with_transformers(model_dir: str | Path, prompts: list[str], config: SamplingConfig,
+                             tokenizer_dir: str | Path | None = None, batch_size: int = 16,
+                             device: str = "auto", dtype: str = "auto",
+                             show_progress: bool = True) -> list[list[SampledResponse]]:
+    """``config.num_samples`` responses for each prompt -> ``[len(prompts)][K]`` responses.
+
+    Prompts are encoded with the tokenizer's defaults (the special tokens it adds, if any) and
+    left-padded in batches of ``batch_size`` prompts (``batch_size * K`` sequences per generate call).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, padding_side="left")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer in {tokenizer_dir or model_dir} has no eos token; "
+                         "generation could not stop")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    generation_config = GenerationConfig(
+        do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0,
+        max_new_tokens=config.max_new_tokens, num_return_sequences=config.num_samples,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
+    results: list[list[SampledResponse]] = []
+    progress = _progress(len(prompts), "sampling") if show_progress else None
+    for batch_index, start in enumerate(range(0, len(prompts), batch_size)):
+        batch = prompts[start:start + batch_size]
+        encoded = tokenizer(batch, return_tensors="pt", padding=True).to(device)
+        # One seed per batch: a batch's samples do not depend on how many steps earlier batches took.
+        torch.manual_seed(config.seed * 1_000_003 + batch_index)
+        with torch.no_grad():
+            output = model.generate(**encoded, generation_config=generation_config)
+        new_tokens = output[:, encoded["input_ids"].shape[1]:].tolist()
+        for prompt_index in range(len(batch)):
+            samples = new_tokens[prompt_index * config.num_samples:(prompt_index + 1) * config.num_samples]
+            results.append([_decode_sample(tokenizer, tokens) for tokens in samples])
+        if progress is not None:
+            progress.update(len(batch))
+    if progress is not None:
+        progress.close()
+    return results
+
+
+def _decode_sample(tokenizer, tokens: list[int]) -> SampledResponse:
+    eos = tokenizer.eos_token_id
+    if eos in tokens:
+        tokens, reason = tokens[:tokens.index(eos)], "eos"
+    else:
+        reason = "length"
+    return SampledResponse(tokenizer.decode(tokens, skip_special_tokens=True), reason, len(tokens))
+
+
+def sample_with_vllm(model_dir: str | Path, prompts: list[str], config: SamplingConfig,
+                     tokenizer_dir: str | Path | None = None) -> list[list[SampledResponse]]:
+    """Same contract as :func:`sample_with_transformers`, with vLLM (GPU)."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(model_dir), tokenizer=str(tokenizer_dir or model_dir), seed=config.seed)
+    params = SamplingParams(n=config.num_samples, temperature=config.temperature, top_p=config.top_p,
+                            max_tokens=config.max_new_tokens, seed=config.seed)
+    outputs = llm.generate(prompts, params)
+    return [[SampledResponse(c.text, "eos" if c.finish_reason == "stop" else "length",
+                             len(c.token_ids)) for c in output.outputs] for output in outputs]
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        import torch
+
+        return "vllm" if vllm_available() and torch.cuda.is_available() else "transformers"
+    if backend == "vllm" and not vllm_available():
+        raise ValueError("backend 'vllm' chosen but vllm is not installed; use --backend transformers")
+    return backend
+
+
+def generate_rollouts(model_dir: str | Path, problems: list[GenerationProblem], verifier: Verifier,
+                      config: SamplingConfig | None = None, backend: str = "auto",
+                      tokenizer_dir: str | Path | None = None, batch_size: int = 16,
+                      device: str = "auto", show_progress: bool = True) -> list[dict]:
+    """Sample K responses per problem and score each; returns rollout records, problem-major."""
+    config = config or SamplingConfig()
+    prompts = [problem.prompt for problem in problems]
+    if resolve_backend(backend) == "vllm":
+        samples = sample_with_vllm(model_dir, prompts, config, tokenizer_dir)
+    else:
+        samples = sample_with_transformers(model_dir, prompts, config, tokenizer_dir, batch_size,
+                                           device, show_progress=show_progress)
+    records = []
+    for problem, responses in zip(problems, samples):
+        for sample_index, response in enumerate(responses):
+            reward = verifier.verify(response.text, problem.answer)
+            record = {"prompt_id": problem.prompt_id, "prompt": problem.prompt,
+                      "response": response.text, "answer": problem.answer, "reward": reward,
+                      "correct": reward > 0, "sample_index": sample_index,
+                      "finish_reason": response.finish_reason,
+                      "num_response_tokens": response.num_tokens}
+            if problem.question is not None:
+                record["question"] = problem.question
+            records.append(record)
+    return records
+
+
+def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
+    """Write records as JSON lines via a temporary file renamed into place (no half-written output)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,163 @@
+"""The RIFT loss family on Megatron-Core's per-token cross-entropy.
+
+Every objective here is a function of the per-token cross-entropy ``ce_t = -log p_t`` that
+``GPTModel.forward(..., labels=...)`` already returns (``vocab_parallel_cross_entropy`` under tensor
+parallelism, TE's fused CE when enabled). With ``p_t = exp(-ce_t)``, autograd through Megatron's own
+CE gives exact gradients under TP, on the last pipeline stage and with FP8 layers; the model is
+untouched and no extra [tokens, vocab] tensor is ever materialized.
+
+Per-token terms, summed over response tokens (``loss_mask == 1``):
+
+============  ==============================================  ===========================
+objective     term for a token of a sample with reward r      tokens counted
+============  ==============================================  ===========================
+``sft``       ce_t                                            all
+``dft``       sg(p_t) * ce_t   (DFT paper, eq. 9)             all
+``rft``       ce_t if r > 0, else nothing                     only those of r > 0 samples
+``rift``      r * ce_t if r > 0;  -r * p_t if r < 0;  0 if 0  all
+``naive``     r * ce_t          (RIFT paper eq. 1)            all
+============  ==============================================  ===========================
+
+RIFT's negative term is the bounded linear surrogate of paper section 3.3: ``-r * p`` lies in
+``[0, -r]`` and its gradient never explodes as p -> 0, unlike ``naive``'s ``r * ce`` which is
+unbounded below (theorem 3.2) and kept only for the ablation. Every RIFT term is >= 0.
+
+``negative_mode`` chooses how RIFT's negatives are scored:
+
+- ``token`` (default): ``-r * p_t`` per token, as above.
+- ``sequence``: eq. 5 read literally, ``-r * pi(y|x)`` with ``pi = prod_t p_t`` of the sample.
+- ``geometric``: ``-r * exp(mean_t log p_t)``, the per-token geometric mean probability.
+
+Sequence modes are normalized like the token mode: a negative sample of n response tokens adds
+``n * (-r * pi)`` to the loss sum and its n tokens to the count, so it weighs what its tokens would.
+``token`` is the default because a whole response's probability is vanishingly small for any
+realistic length (``sequence`` then gives no gradient at all), while token-level probabilities keep
+the signal usable; the DFT paper's table 8 found the same (token-level beats sequence-level).
+
+The final loss is ``loss_sum / num_tokens`` where both are summed over micro-batches and
+data-parallel ranks: Megatron's schedule does that division when
+``TransformerConfig.calculate_per_token_loss`` is set (see :func:`make_loss_func`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+OBJECTIVES = ("sft", "dft", "rft", "rift", "naive")
+NEGATIVE_MODES = ("token", "sequence", "geometric")
+
+# Paper section 4.1: 1e-5 for SFT and RFT, a more conservative 2e-6 for RIFT and DPO.
+DEFAULT_LR = {"sft": 1e-5, "dft": 1e-5, "rft": 1e-5, "rift": 2e-6, "naive": 2e-6, "dpo": 2e-6}
+
+
+def compute_loss(per_token_ce: torch.Tensor, loss_mask: torch.Tensor, rewards: torch.Tensor,
+                 objective: str, negative_mode: str = "token",
+                 segment_ids: torch.Tensor | None = None):
+    """Loss sum, counted tokens and metrics of one micro-batch.
+
+    Args:
+        per_token_ce: [b, s] float, Megatron's per-token cross-entropy.
+        loss_mask: [b, s], 1 on response tokens.
+        rewards: [b] per-sample rewards, or [b, s] per-token rewards (packed rows, where each token
+            carries the reward of the sample it belongs to).
+        objective: one of :data:`OBJECTIVES`.
+        negative_mode: one of :data:`NEGATIVE_MODES` (used by ``rift`` only).
+        segment_ids: [b, s] sample index within each packed row; only the sequence negative modes
+            need it, and only for packed rows (otherwise a row is one sample).
+
+    Returns:
+        ``(loss_sum, num_tokens, metrics)``: 0-dim float tensor with grad, 0-dim int tensor, and a
+        dict of detached ``tensor([sum, count])`` pairs whose ratio is the metric (so they add up
+        across micro-batches and ranks).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if negative_mode not in NEGATIVE_MODES:
+        raise ValueError(f"unknown negative_mode {negative_mode!r}; choose one of "
+                         f"{', '.join(NEGATIVE_MODES)}")
+    ce = per_token_ce.float()
+    mask = loss_mask.to(ce.dtype) > 0
+    r = rewards.to(ce.dtype)
+    r = r.unsqueeze(-1).expand_as(ce) if r.dim() == 1 else r
+    positive, negative = mask & (r > 0), mask & (r < 0)
+    p = torch.exp(-ce)  # ce >= 0, so p in (0, 1]: no overflow for any logit
+
+    counted = mask
+    if objective == "sft":
+        terms = ce
+    elif objective == "dft":
+        terms = p.detach() * ce
+    elif objective == "rft":
+        terms, counted = ce, positive
+    elif objective == "naive":
+        terms = r * ce
+    else:  # rift
+        if negative_mode == "token":
+            negative_terms = -r * p
+        else:
+            negative_terms = -r * _sequence_probability(ce, negative, negative_mode, segment_ids)
+        terms = torch.where(positive, r * ce, torch.where(negative, negative_terms, torch.zeros_like(ce)))
+
+    # torch.where, not a product: a masked-out position must not leak NaN/inf into the sum.
+    loss_sum = torch.where(counted, terms, torch.zeros_like(terms)).sum()
+    num_tokens = counted.sum().to(torch.int)
+    metrics = _metrics(ce.detach(), p.detach(), mask, positive, negative)
+    return loss_sum, num_tokens, metrics
+
+
+def _sequence_probability(ce, negative, mode, segment_ids):
+    """Per-token broadcast of each negative sample's pi(y|x) (``sequence``) or its geometric mean
+    token probability (``geometric``); sample = (row, segment)."""
+    b, s = ce.shape
+    rows = torch.arange(b, device=ce.device).unsqueeze(-1).expand(b, s)
+    if segment_ids is None:
+        sample = rows
+        num_samples = b
+    else:
+        seg = segment_ids.long().clamp(min=0)
+        width = int(seg.max().item()) + 1 if seg.numel() else 1
+        sample, num_samples = rows * width + seg, b * width
+    neg_ce = torch.where(negative, ce, torch.zeros_like(ce))
+    log_prob = torch.zeros(num_samples, dtype=ce.dtype, device=ce.device).index_add(
+        0, sample.reshape(-1), -neg_ce.reshape(-1))
+    if mode == "geometric":
+        count = torch.zeros(num_samples, dtype=ce.dtype, device=ce.device).index_add(
+            0, sample.reshape(-1), negative.reshape(-1).to(ce.dtype))
+        log_prob = log_prob / count.clamp(min=1)
+    return torch.exp(log_prob)[sample]
+
+
+def _metrics(ce, p, mask, positive, negative):
+    def pair(value_sum, count):
+        return torch.stack([value_sum.float(), count.float()]).detach()
+
+    n = mask.sum()
+    return {
+        "ce": pair(torch.where(mask, ce, 0).sum(), n),
+        "positive_token_fraction": pair(positive.sum(), n),
+        "negative_token_fraction": pair(negative.sum(), n),
+        "p_positive": pair(torch.where(positive, p, 0).sum(), positive.sum()),
+        "p_negative": pair(torch.where(negative, p, 0).sum(), negative.sum()),
+    }
+
+
+def make_loss_func(loss_mask: torch.Tensor, rewards: torch.Tensor, objective: str,
+                   negative_mode: str = "token", segment_ids: torch.Tensor | None = None):
+    """A ``loss_func(output_tensor)`` in the convention of Megatron-LM's ``pretrain_gpt.py``.
+
+    ``output_tensor`` is the [b, s] per-token CE that GPTModel returns on the last pipeline stage.
+    Returns ``(loss_sum, num_tokens, report)`` where ``report`` maps names to ``[sum, count]``
+    tensors; ``"loss"`` is ``[loss_sum, num_tokens]``. Use it with
+    ``TransformerConfig(calculate_per_token_loss=True)`` so the schedule and DDP divide by the token
+    count summed over micro-batches and data-parallel ranks. A micro-batch with no counted tokens
+    contributes 0 (never NaN).
+    """
+
+    def loss_func(output_tensor: torch.Tensor):
+        loss_sum, num_tokens, metrics = compute_loss(output_tensor, loss_mask, rewards, objective,
+                                                     negative_mode, segment_ids)
+        report = {"loss": torch.stack([loss_sum.detach().float(), num_tokens.float()])}
+        report.update(metrics)
+        return loss_sum, num_tokens, report
+
+    return loss_func

@@ -1,0 +1,188 @@
+"""Trainer checkpoints: everything needed to continue a run exactly, in Megatron-LM's layout.
+
+Each ``iter_NNNNNNN/`` folder (written by :func:`megatron_rift.checkpointing.save_checkpoint`,
+atomically) holds one ``dist_checkpointing`` state dict with these entries:
+
+===================== ===================================================================
+``model``             the GPTModel's sharded state dict (reshardable over TP/PP)
+``optimizer``         Megatron optimizer state; the distributed optimizer uses the
+                      ``fully_reshardable`` format (see dist_optimizer_fixes.py)
+``opt_param_scheduler`` OptimizerParamScheduler.state_dict() (lr schedule position)
+``data_sampler``      GlobalBatchSampler.state_dict() (epoch, samples consumed)
+``rng_state``         python/numpy/torch/CUDA/Megatron-tracker RNG states, one per rank
+``iteration``         optimizer steps done
+``parallel_layout``   TP/PP/DP sizes at save time (RNG states only load into the same layout)
+``megatron_rift``     format version and the run's flags (provenance)
+===================== ===================================================================
+
+Model-only readers (``load_model_weights``, the HF exporter) ask for ``model`` and ignore the rest.
+The checkpoint root also gets ``model_config.json`` (and the tokenizer folder, when the model came
+with one), so it can be exported or fine-tuned from like a converted checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megatron_rift.checkpointing import (
+    iteration_dir_name,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+    unwrap_model,
+)
+from megatron_rift.training import dist_optimizer_fixes
+from megatron_rift.training.validation import ConfigError
+
+FORMAT_VERSION = 1
+KILL_ENV = "MEGATRON_RIFT_TEST_KILL_AT"  # test hook: "step:N" or "save:N" SIGKILLs rank 0
+
+
+def parallel_layout() -> dict:
+    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "dp": parallel_state.get_data_parallel_world_size()}
+
+
+def maybe_kill_for_test(point: str, iteration: int) -> None:
+    """SIGKILL global rank 0 at ``point:iteration`` when the test hook asks for it."""
+    if os.environ.get(KILL_ENV) == f"{point}:{iteration}" and dist.get_rank() == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _rng_state() -> dict:
+    state = {"random": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(state) -> ShardedObject:
+    layout = parallel_layout()
+    rank = (parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_data_parallel_rank())
+    return ShardedObject("rng_state", state, (layout["pp"], layout["tp"], layout["dp"]), rank,
+                         replica_id=0)
+
+
+def _optimizer_metadata() -> dict:
+    return {"distrib_optim_sharding_type": dist_optimizer_fixes.DIST_OPTIMIZER_SHARDING_TYPE}
+
+
+def training_state_dict(components, data, iteration: int, run_flags: dict, is_loading: bool,
+                        with_optimizer: bool = True, with_rng: bool = True) -> dict:
+    """The sharded state dict of a trainer checkpoint (to save, or as the template to load)."""
+    model_sd = unwrap_model(components.model[0]).sharded_state_dict()
+    state = {"model": model_sd, "iteration": iteration, "data_sampler": data.state_dict(),
+             "parallel_layout": parallel_layout(),
+             "megatron_rift": {"format_version": FORMAT_VERSION, "flags": run_flags}}
+    if with_optimizer:
+        state["optimizer"] = components.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=_optimizer_metadata())
+        state["opt_param_scheduler"] = components.scheduler.state_dict()
+    if with_rng:
+        state["rng_state"] = _rng_sharded_object(None if is_loading else _rng_state())
+    return state
+
+
+def _write_root_files(save_root: Path, components, model_source: str | None) -> None:
+    """model_config.json (+ tokenizer/) in the checkpoint root, written once by rank 0."""
+    if dist.get_rank() != 0:
+        return
+    save_root.mkdir(parents=True, exist_ok=True)
+    components.arch.save(save_root)
+    tokenizer = Path(model_source) / "tokenizer" if model_source else None
+    if tokenizer is not None and tokenizer.is_dir() and not (save_root / "tokenizer").exists():
+        tmp = save_root / ".tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(tokenizer, tmp)
+        os.replace(tmp, save_root / "tokenizer")
+
+
+def save_training_checkpoint(args, components, data, iteration: int, run_flags: dict,
+                             model_source: str | None) -> Path:
+    root = Path(args.save)
+    _write_root_files(root, components, model_source)
+    state = training_state_dict(components, data, iteration, run_flags, is_loading=False)
+    return save_checkpoint(root, iteration, state, keep_last=args.keep_last_checkpoints,
+                           before_publish=lambda _tmp: maybe_kill_for_test("save", iteration))
+
+
+def load_start_state(args, plan, components, data, log) -> int:
+    """Apply the plan's start point; return the iteration training continues after."""
+    if plan.start == "scratch":
+        log("starting from randomly initialized weights")
+        return 0
+    root = Path(plan.start_dir)
+    if plan.start == "finetune":
+        source = root if plan.start_iteration == "release" else \
+            root / iteration_dir_name(plan.start_iteration)
+        folder = load_model_weights(source, components.model)
+        # The optimizer copied the random init into its fp32 main parameters when it was built.
+        components.optimizer.reload_model_params()
+        log(f"fine-tuning from the weights in {folder} (step 0, fresh optimizer)")
+        return 0
+    return _resume(args, components, data, root / iteration_dir_name(plan.start_iteration), log)
+
+
+def _resume(args, components, data, folder: Path, log) -> int:
+    common = dist_checkpointing.load_common_state_dict(str(folder))
+    if "megatron_rift" not in common or "iteration" not in common:
+        raise ConfigError(f"{folder} is not a megatron-rift trainer checkpoint; to fine-tune "
+                          "from its weights pass --finetune")
+    saved_layout = common["parallel_layout"]
+    with_rng = not args.no_load_rng and saved_layout == parallel_layout()
+    with_optimizer = not args.no_load_optim
+    if not with_rng and not args.no_load_rng:
+        log(f"checkpoint layout {saved_layout} differs from this run's {parallel_layout()}: "
+            "model and optimizer are resharded, RNG states are not restored")
+    if with_optimizer:
+        dist_optimizer_fixes.prepare_for_load(components.optimizer)
+    template = training_state_dict(components, data, 0, {}, is_loading=True,
+                                   with_optimizer=with_optimizer, with_rng=with_rng)
+    loaded = load_checkpoint(folder, template)
+    unwrap_model(components.model[0]).load_state_dict(loaded["model"], strict=True)
+    if not with_optimizer:
+        components.optimizer.reload_model_params()
+    else:
+        with dist_optimizer_fixes.patched_state_setter(components.optimizer):
+            components.optimizer.load_state_dict(loaded["optimizer"])
+        dist_optimizer_fixes.unshare_step_states(components.optimizer)
+        components.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    data.load_state_dict(loaded["data_sampler"])
+    if with_rng:
+        _set_rng_state(loaded["rng_state"])
+    # The DDP wrapper keeps its own view of the parameters (and the distributed optimizer its
+    # fp32 shards); both were loaded in place above, so nothing else to copy.
+    iteration = int(loaded["iteration"])
+    log(f"resumed from {folder} at step {iteration}")
+    return iteration
+
+
+def run_flags_record(args) -> dict:
+    """The flags, JSON-ready, stored in each checkpoint for provenance."""
+    return {k: v for k, v in sorted(vars(args).items())
+            if isinstance(v, (str, int, float, bool, type(None)))}
+

@@ -1,0 +1,180 @@
+"""Rollout generation with a tiny random Llama and the demo tokenizer: reproducibility, rewards,
+left padding, EOS handling, the CLI."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_rift.demo.task import generate_splits, task_texts, write_problems_jsonl
+from megatron_rift.generation import (ProblemsInputError, SamplingConfig, _decode_sample,
+                                      generate_rollouts, read_generation_problems, vllm_available)
+from megatron_rift.rewards import extract_final_answer, get_verifier
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random LlamaForCausalLM with the demo tokenizer saved beside it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_rift.demo.tokenizer import train_demo_tokenizer, vocab_size_of
+
+    root = tmp_path_factory.mktemp("gen")
+    splits = generate_splits(seed=0, sizes={"base": 200, "train": 10, "val": 1, "test": 10, "ood": 1})
+    tokenizer = train_demo_tokenizer(task_texts(p for s in splits.values() for p in s), root / "tok",
+                                     vocab_size=320)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size_of(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # logits spread over several units: argmax is clear at a tiny temperature
+        model.lm_head.weight.normal_(0.0, 1.0)
+    model.save_pretrained(root / "model")
+    for path in tokenizer.iterdir():
+        shutil.copy(path, root / "model")
+    write_problems_jsonl(splits["test"][:6], root / "problems.jsonl")
+    return root / "model"
+
+
+def _problems(model_dir):
+    return read_generation_problems(model_dir.parent / "problems.jsonl")
+
+
+def _rollouts(model_dir, problems, seed=0, batch_size=4, **sampling):
+    config = SamplingConfig(num_samples=4, max_new_tokens=MAX_NEW, seed=seed, **sampling)
+    return generate_rollouts(model_dir, problems, get_verifier("math"), config,
+                             backend="transformers", batch_size=batch_size, show_progress=False)
+
+
+def test_same_seed_same_rollouts_and_rewards_match_the_verifier(model_dir):
+    problems = _problems(model_dir)
+    first = _rollouts(model_dir, problems, seed=0)
+    assert first == _rollouts(model_dir, problems, seed=0)
+    assert [r["response"] for r in first] != [r["response"] for r in _rollouts(model_dir, problems, seed=1)]
+    assert len(first) == 4 * len(problems)
+    for index, record in enumerate(first):
+        problem = problems[index // 4]
+        assert record["prompt_id"] == problem.prompt_id and record["prompt"] == problem.prompt
+        assert record["sample_index"] == index % 4 and record["answer"] == problem.answer
+        assert record["reward"] == get_verifier("math").verify(record["response"], problem.answer)
+        assert record["correct"] == (record["reward"] == 1.0)
+        assert record["finish_reason"] in ("eos", "length")
+        if record["finish_reason"] == "length":
+            assert record["num_response_tokens"] == MAX_NEW
+    # Make some rollouts correct: take a sampled answer as the reference, regenerate with the seed.
+    answered = {}
+    for record in first:
+        extracted = extract_final_answer(record["response"])
+        if extracted is not None and record["prompt_id"] not in answered:
+            answered[record["prompt_id"]] = extracted.replace(",", "")
+    assert answered, "the random model wrote no number at all; raise MAX_NEW"
+    for problem in problems:
+        problem.answer = answered.get(problem.prompt_id, problem.answer)
+    again = _rollouts(model_dir, problems, seed=0)
+    assert [r["response"] for r in again] == [r["response"] for r in first]
+    verifier = get_verifier("math")
+    assert sum(r["correct"] for r in again) >= len(answered)
+    assert all(r["reward"] == verifier.verify(r["response"], r["answer"]) for r in again)
+
+
+def test_left_padded_batches_match_unpadded_greedy_decoding(model_dir):
+    """At a vanishing temperature sampling is argmax; batched, left-padded prompts must then give
+    what unpadded greedy decoding of each prompt alone gives."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    problems = _problems(model_dir)
+    lengths = {len(p.prompt) for p in problems}
+    assert len(lengths) > 1  # the batch really is padded
+    rollouts = _rollouts(model_dir, problems, batch_size=6, temperature=1e-4, top_p=1.0)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    for index, problem in enumerate(problems):
+        ids = torch.tensor([tokenizer.encode(problem.prompt)])
+        with torch.no_grad():
+            greedy = model.generate(ids, do_sample=False, max_new_tokens=MAX_NEW,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+        expected = _decode_sample(tokenizer, greedy[0, ids.shape[1]:].tolist()).text
+        assert rollouts[index * 4]["response"] == expected
+
+
+def test_decode_stops_at_eos(model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer.encode(" 12+3=15. \\boxed{15}")
+    stopped = _decode_sample(tokenizer, ids + [tokenizer.eos_token_id] + ids + [0, 0])
+    assert (stopped.text, stopped.finish_reason, stopped.num_tokens) == \
+        (" 12+3=15. \\boxed{15}", "eos", len(ids))
+    assert _decode_sample(tokenizer, ids).finish_reason == "length"
+
+
+def test_read_generation_problems(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"question": "What is 1+1?", "answer": 2}),
+        json.dumps({"prompt": "RAW PROMPT", "answer": "x", "prompt_id": "raw"}),
+        "",
+    ]))
+    first, second = read_generation_problems(path, prompt_template="Problem: {question}\nSolution:")
+    assert first.prompt == "Problem: What is 1+1?\nSolution:" and first.answer == "2"
+    assert first.prompt_id == "p-000001" and first.question == "What is 1+1?"
+    assert (second.prompt, second.prompt_id, second.question) == ("RAW PROMPT", "raw", None)
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ("not json", "not valid JSON"),
+    (json.dumps({"answer": "1"}), "'prompt' or 'question'"),
+    (json.dumps({"question": "q"}), "needs field 'answer'"),
+    (json.dumps({"question": "q", "answer": "1", "prompt_id": "a"}), "already used on line 1"),
+])
+def test_bad_problem_records_name_the_line(tmp_path, bad_line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": "1", "prompt_id": "a"}) + "\n" + bad_line + "\n")
+    with pytest.raises(ProblemsInputError, match=rf"p.jsonl:2: .*{message}"):
+        read_generation_problems(path)
+
+
+def test_cli_writes_rollouts_reproducibly(model_dir, tmp_path):
+    def run(output, *extra):
+        return subprocess.run(
+            [sys.executable, str(REPO / "tools" / "generate_rollouts.py"), "--model", str(model_dir),
+             "--problems", str(model_dir.parent / "problems.jsonl"), "--output", str(output),
+             "--num-samples", "3", "--max-new-tokens", "12", "--seed", "5", "--batch-size", "2",
+             "--backend", "transformers", "--limit", "3", *extra],
+            capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "TQDM_DISABLE": "1"})
+
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for output in (first, second):
+        result = run(output)
+        assert result.returncode == 0, result.stderr
+    assert first.read_text() == second.read_text()
+    records = [json.loads(line) for line in first.read_text().splitlines()]
+    assert len(records) == 9
+    assert {"prompt", "response", "reward", "correct", "prompt_id", "answer", "sample_index"} <= set(records[0])
+    assert sorted({r["sample_index"] for r in records}) == [0, 1, 2]
+    # Bad input: non-zero exit naming the line, and no output file.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    out = tmp_path / "none.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "generate_rollouts.py"), "--model", str(model_dir),
+         "--problems", str(bad), "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "bad.jsonl:1" in result.stderr and not out.exists()
+
+
+@pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (GPU-only optional backend)")
+def test_vllm_backend_runs(model_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs a GPU")
+    records = generate_rollouts(model_dir, _problems(model_dir), get_verifier("math"),
+                                SamplingConfig(num_samples=2, max_new_tokens=8), backend="vllm")
+    assert len(records) == 12 and all(r["reward"] in (0.0, 1.0) for r in records)

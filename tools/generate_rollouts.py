@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Sample K responses per problem from an HF checkpoint folder and score them: rollout JSONL.
+
+    python tools/generate_rollouts.py --model hf_model/ --problems train.jsonl --output rollouts.jsonl \\
+        --num-samples 8 --temperature 0.7 --top-p 0.8 --max-new-tokens 256 --seed 0 --verifier math
+
+Problems JSONL: ``prompt`` (verbatim) or ``question`` (put into --prompt-template), ``answer``, optional
+``prompt_id``. Output records: prompt, response, reward, correct, prompt_id, answer, sample_index,
+finish_reason, num_response_tokens (and question when given).
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from megatron_rift.generation import (BACKENDS, DEFAULT_PROMPT_TEMPLATE, ProblemsInputError,
+                                      SamplingConfig, generate_rollouts, read_generation_problems,
+                                      write_jsonl)
+from megatron_rift.rewards import available_verifiers, get_verifier
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="HF checkpoint folder")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="tokenizer folder (default: the model folder)")
+    parser.add_argument("--problems", type=Path, required=True, help="problems JSONL")
+    parser.add_argument("--output", type=Path, required=True, help="rollouts JSONL to write")
+    parser.add_argument("--num-samples", "-k", type=int, default=8, help="responses per problem (K)")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.8)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="problems per generate call (x K sequences); transformers backend")
+    parser.add_argument("--verifier", default="math", choices=available_verifiers())
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="auto: vllm when installed and a GPU is present, else transformers")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE,
+                        help="used for records with 'question' but no 'prompt' (default: %(default)r)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = SamplingConfig(num_samples=args.num_samples, temperature=args.temperature,
+                                top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        problems = read_generation_problems(args.problems, args.prompt_template)
+        if not args.model.is_dir():
+            raise ValueError(f"{args.model}: no such model folder")
+    except ValueError as error:  # ProblemsInputError is a ValueError
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    problems = problems[:args.limit] if args.limit else problems
+    start = time.time()
+    records = generate_rollouts(args.model, problems, get_verifier(args.verifier), config,
+                                backend=args.backend, tokenizer_dir=args.tokenizer,
+                                batch_size=args.batch_size, device=args.device)
+    write_jsonl(records, args.output)
+    correct = sum(record["correct"] for record in records)
+    print(f"wrote {len(records)} rollouts for {len(problems)} problems to {args.output} "
+          f"({correct} correct, {100 * correct / len(records):.1f}%) in {time.time() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

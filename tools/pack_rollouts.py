@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Pack rollouts (JSONL / JSON / Parquet) into a Megatron indexed dataset with rewards.
+
+    python tools/pack_rollouts.py --input rollouts.jsonl --output-prefix data/math_k8 \
+        --tokenizer path/to/hf_tokenizer --chat-template --max-seq-length 2048
+
+Writes PREFIX.bin, PREFIX.idx, PREFIX.rewards.npy and PREFIX.json (see docs/packing.md).
+A thin CLI over megatron_rift.data.packing.pack_rollouts; bad input exits with status 2 and a
+message naming the file and line, and leaves no PREFIX.* files behind.
+"""
+
+import argparse
+import os
+import sys
+
+# Keep module level light: worker processes ("spawn") re-import this file.
+SCHEMES = ("constant", "raw", "gaussian", "gpg-mean", "gpg-scaled")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                   help=".jsonl/.ndjson(.gz), .json (array) or .parquet files, read in order")
+    p.add_argument("--output-prefix", required=True, metavar="PREFIX")
+    p.add_argument("--tokenizer", required=True,
+                   help="HF tokenizer folder (loaded locally) or SentencePiece .model file")
+    p.add_argument("--chat-template", action="store_true",
+                   help="render the prompt as a user turn with the HF tokenizer's chat template")
+    p.add_argument("--max-seq-length", type=int, default=None,
+                   help="longest rollout (prompt + response + EOS) in tokens; use the trainer's "
+                        "--seq-length")
+    p.add_argument("--overlong", choices=("error", "drop", "truncate"), default="error",
+                   help="what to do with a rollout longer than --max-seq-length")
+    p.add_argument("--reward-scheme", choices=SCHEMES, default="constant")
+    p.add_argument("--positive-reward", type=float, default=1.0, help="constant scheme")
+    p.add_argument("--negative-reward", type=float, default=-0.2, help="constant scheme")
+    p.add_argument("--keep", choices=("all", "positive"), default="all",
+                   help="'positive' keeps only positive rollouts (an RFT dataset)")
+    for name in ("prompt", "response", "reward", "correct", "prompt-id"):
+        p.add_argument(f"--{name}-key", default=name.replace("-", "_"), metavar="FIELD",
+                       help=f"record field holding the {name.replace('-', ' ')}")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--chunk-size", type=int, default=1024, help="rollouts per tokenizer task")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.*")
+    p.add_argument("--seed", type=int, default=0,
+                   help="recorded in PREFIX.json; packing itself is deterministic")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tokenizers and files are local only
+    import warnings
+
+    # Megatron-Core warns at import about missing TE/Apex, which packing never uses.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    from megatron_rift.data.errors import RolloutDataError
+    from megatron_rift.data.packing import PackConfig, pack_rollouts
+    from megatron_rift.data.rollout_reader import RolloutFields
+
+    config = PackConfig(
+        inputs=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer,
+        chat_template=args.chat_template, max_seq_length=args.max_seq_length,
+        overlong=args.overlong, reward_scheme=args.reward_scheme,
+        positive_reward=args.positive_reward, negative_reward=args.negative_reward, keep=args.keep,
+        fields=RolloutFields(prompt=args.prompt_key, response=args.response_key,
+                             reward=args.reward_key, correct=args.correct_key,
+                             prompt_id=args.prompt_id_key),
+        workers=args.workers, overwrite=args.overwrite, seed=args.seed,
+        chunk_size=args.chunk_size, progress=not args.no_progress,
+    )
+    try:
+        summary = pack_rollouts(config)
+    except RolloutDataError as exc:
+        print(f"pack_rollouts: error: {exc}", file=sys.stderr)
+        return 2
+    keys = ("problems", "rollouts", "positive", "negative", "positive_fraction", "mixed_problems",
+            "mixed_fraction", "prompt_tokens", "response_tokens", "total_tokens", "overlong",
+            "overlong_dropped", "overlong_truncated", "removed_by_keep")
+    print(f"wrote {args.output_prefix}.{{bin,idx,rewards.npy,json}}")
+    for key in keys:
+        value = summary[key]
+        print(f"  {key:20s} {value:.4f}" if isinstance(value, float) else f"  {key:20s} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
