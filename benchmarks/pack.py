@@ -59,10 +59,13 @@ def write_rollouts(path: Path, count: int, prompt_len: int, response_len: int, s
                     "response": " ".join(row[prompt_len:]), "correct": bool(correct[j])}) + "\n")
 
 
-def run_one(input_path: Path, tokenizer: Path, prefix: Path, workers: int) -> dict:
+def run_one(input_path: Path, tokenizer: Path, prefix: Path, workers: int,
+            rust_threads: bool = False) -> dict:
     spec = json.dumps({"input": str(input_path), "tokenizer": str(tokenizer),
                        "prefix": str(prefix), "workers": workers})
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    # By default one core per worker: the Rust tokenizer's own thread pool is off.
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="true" if rust_threads else "false",
+               OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", CHILD, spec], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=str(REPO), env=env)
     watched = psutil.Process(proc.pid)
@@ -89,6 +92,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--response-tokens", type=int, default=256)
+    parser.add_argument("--rust-threads", action="store_true",
+                        help="add a 1-worker run with the Rust tokenizer's thread pool on")
     parser.add_argument("--workdir", default=None, help="default: a temporary folder")
     args = parser.parse_args()
     from megatron_rift.data.tiny_tokenizers import build_wordlevel_tokenizer
@@ -103,10 +108,13 @@ def main() -> None:
         for size in args.sizes:
             data = tmp / f"rollouts_{size}.jsonl"
             write_rollouts(data, size, args.prompt_tokens, args.response_tokens)
-            for workers in args.workers:
-                r = run_one(data, tokenizer, tmp / f"packed_{size}_{workers}", workers)
+            runs = [(w, False) for w in args.workers] + [(1, True)] * args.rust_threads
+            for workers, rust_threads in runs:
+                r = run_one(data, tokenizer, tmp / f"packed_{size}_{workers}_{rust_threads}",
+                            workers, rust_threads)
                 assert r["rollouts"] == size
-                print(f"| {size} | {data.stat().st_size / 2**20:.0f} | {workers} | "
+                label = f"{workers} + Rust threads" if rust_threads else str(workers)
+                print(f"| {size} | {data.stat().st_size / 2**20:.0f} | {label} | "
                       f"{r['seconds']:.1f} | {size / r['seconds']:.0f} | "
                       f"{r['tokens'] / r['seconds'] / 1e6:.2f}M | {r['peak_main_mib']:.0f} | "
                       f"{r['peak_total_mib']:.0f} |", flush=True)

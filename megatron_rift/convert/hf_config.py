@@ -17,7 +17,8 @@ from megatron_rift.model.config import GPTArchitecture
 
 # Megatron-Core 0.16's Llama-3 RoPE scaling fixes everything but the factor
 # (models/common/embeddings/rotary_pos_embedding.py, RotaryEmbedding._apply_scaling).
-MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}
 _MISSING = object()
 
 
@@ -53,11 +54,12 @@ def architecture_from_hf_config(cfg: dict, source: str = "config.json") -> GPTAr
     if field("hidden_act", "silu") != "silu":
         refuse("hidden_act", cfg["hidden_act"], "only SwiGLU MLPs (hidden_act 'silu') are converted")
     for name in ("attention_bias", "mlp_bias"):
-        # Qwen2 always has q/k/v biases (its table says so); elsewhere Megatron would need o_proj/MLP biases too.
+        # Qwen2 always has q/k/v biases (its table says so); elsewhere Megatron would need
+        # o_proj / MLP biases too.
         if cfg.get(name) and model_type != "qwen2":
             refuse(name, cfg[name], "Megatron's GPTModel here has no bias slot for o_proj / the MLP")
     if cfg.get("use_sliding_window"):
-        refuse("use_sliding_window", True, "sliding-window attention is not implemented by the Megatron model")
+        refuse("use_sliding_window", True, "the Megatron model has no sliding-window attention")
     layer_types = cfg.get("layer_types")
     if layer_types and any(t != "full_attention" for t in layer_types):
         refuse("layer_types", sorted(set(layer_types)), "only full attention layers are supported")
@@ -68,7 +70,8 @@ def architecture_from_hf_config(cfg: dict, source: str = "config.json") -> GPTAr
     kv_heads = cfg.get("num_key_value_heads") or heads
     hidden = field("hidden_size")
     if heads % kv_heads:
-        raise ConversionError(f"{source}: num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}")
+        raise ConversionError(f"{source}: num_key_value_heads={kv_heads} does not divide "
+                              f"num_attention_heads={heads}")
     rotary_base, rope_scaling_factor = _rope(cfg, source)
     return GPTArchitecture(
         num_layers=field("num_hidden_layers"),
@@ -103,8 +106,9 @@ def _rope(cfg: dict, source: str) -> tuple[float, float | None]:
     if rope_type == "default":
         return theta, None
     if rope_type != "llama3":
-        raise ConversionError(f"{source}: field '{where}.rope_type' = {rope_type!r} is not supported: Megatron-Core's "
-                              "GPTModel implements plain RoPE and Llama-3's 'llama3' scaling only")
+        raise ConversionError(f"{source}: field '{where}.rope_type' = {rope_type!r} is not supported: "
+                              "Megatron-Core's GPTModel implements plain RoPE and Llama-3's 'llama3' "
+                              "scaling only")
     for name, required in MEGATRON_LLAMA3_ROPE.items():
         if float(params.get(name, required)) != required:
             raise ConversionError(f"{source}: field '{where}.{name}' = {params[name]!r} is not supported: "

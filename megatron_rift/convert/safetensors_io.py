@@ -31,7 +31,8 @@ class SafetensorsCheckpoint:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as err:
-                raise ConversionError(f"{index}: not a safetensors index (needs a 'weight_map' object)") from err
+                raise ConversionError(f"{index}: not a safetensors index "
+                                      "(needs a 'weight_map' object)") from err
             self.file_of = {name: self.folder / fname for name, fname in weight_map.items()}
             for path in sorted(set(self.file_of.values())):
                 if not path.is_file():
@@ -48,14 +49,6 @@ class SafetensorsCheckpoint:
     @property
     def names(self) -> list[str]:
         return list(self.file_of)
-
-    def dtypes(self) -> set[str]:
-        """The stored dtypes (safetensors names, e.g. 'BF16'), read from the headers only."""
-        found = set()
-        for path in sorted(set(self.file_of.values())):
-            with safe_open(path, framework="pt") as f:
-                found.update(f.get_slice(name).get_dtype() for name in f.keys())
-        return found
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Load the named tensors, opening each file once for this call."""

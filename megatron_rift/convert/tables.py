@@ -74,22 +74,26 @@ class ArchitectureTable:
 def _resolve(mapping: WeightMapping, layer: int | None) -> ResolvedWeight:
     def fill(name: str) -> str:
         return name if layer is None else name.replace(LAYER, str(layer))
-    return ResolvedWeight(fill(mapping.megatron), tuple(fill(h) for h in mapping.hf), mapping.transform, layer)
+    return ResolvedWeight(fill(mapping.megatron), tuple(fill(h) for h in mapping.hf), mapping.transform,
+                          layer)
 
 
 _DECODER_LAYER = (
     WeightMapping("decoder.layers.{layer}.self_attention.linear_qkv.layer_norm_weight",
                   ("model.layers.{layer}.input_layernorm.weight",)),
     WeightMapping("decoder.layers.{layer}.self_attention.linear_qkv.weight",
-                  ("model.layers.{layer}.self_attn.q_proj.weight", "model.layers.{layer}.self_attn.k_proj.weight",
+                  ("model.layers.{layer}.self_attn.q_proj.weight",
+                   "model.layers.{layer}.self_attn.k_proj.weight",
                    "model.layers.{layer}.self_attn.v_proj.weight"), QKV),
     WeightMapping("decoder.layers.{layer}.self_attention.linear_proj.weight",
                   ("model.layers.{layer}.self_attn.o_proj.weight",)),
     WeightMapping("decoder.layers.{layer}.mlp.linear_fc1.layer_norm_weight",
                   ("model.layers.{layer}.post_attention_layernorm.weight",)),
     WeightMapping("decoder.layers.{layer}.mlp.linear_fc1.weight",
-                  ("model.layers.{layer}.mlp.gate_proj.weight", "model.layers.{layer}.mlp.up_proj.weight"), GATE_UP),
-    WeightMapping("decoder.layers.{layer}.mlp.linear_fc2.weight", ("model.layers.{layer}.mlp.down_proj.weight",)),
+                  ("model.layers.{layer}.mlp.gate_proj.weight", "model.layers.{layer}.mlp.up_proj.weight"),
+                  GATE_UP),
+    WeightMapping("decoder.layers.{layer}.mlp.linear_fc2.weight",
+                  ("model.layers.{layer}.mlp.down_proj.weight",)),
 )
 _EMBEDDING_AND_HEAD = (
     WeightMapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB),
@@ -136,7 +140,8 @@ def table_for_architecture(arch: GPTArchitecture) -> ArchitectureTable:
 
 
 def checkpoint_key(megatron_name: str) -> tuple[str, int | None]:
-    """Megatron-Core stores the decoder layers stacked: ``decoder.layers.3.X`` is row 3 of ``decoder.layers.X``."""
+    """(stored key, layer): Megatron-Core stores the decoder layers stacked, so ``decoder.layers.3.X``
+    is row 3 of ``decoder.layers.X``."""
     if megatron_name.startswith(LAYERS_PREFIX):
         index, _, rest = megatron_name[len(LAYERS_PREFIX):].partition(".")
         if index.isdigit():

@@ -44,7 +44,8 @@ class QKVInterleave(Transform):
         groups, head_dim = arch.num_query_groups, arch.kv_channels
         rest = q.shape[1:]
         per_group = [t.reshape(groups, -1, *rest) for t in (q, k, v)]  # [groups, rows_of_group, ...]
-        if per_group[1].shape[1] != head_dim or per_group[0].shape[1] != head_dim * self._heads_per_group(arch):
+        q_rows = head_dim * self._heads_per_group(arch)
+        if per_group[1].shape[1] != head_dim or per_group[0].shape[1] != q_rows:
             raise ValueError(f"q/k/v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} do not "
                              f"match {arch.num_attention_heads} heads, {groups} kv heads of size {head_dim}")
         return torch.cat(per_group, dim=1).reshape(-1, *rest)

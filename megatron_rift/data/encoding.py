@@ -23,12 +23,14 @@ import itertools
 import multiprocessing
 import os
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from megatron_rift.data.tokenizer import RolloutTokenizer, load_tokenizer
+from megatron_rift.data.tokenizer import RolloutTokenizer, encoder_from_spec
 
 
 @dataclass
@@ -48,19 +50,20 @@ class EncodedChunk:
         return np.concatenate(([0], np.cumsum(self.rollout_lengths[:-1], dtype=np.int64)))
 
 
-def encode_rollouts(tok: RolloutTokenizer, prompts: Sequence[str], responses: Sequence[str],
-                    chat_template: bool = False) -> EncodedChunk:
-    """Tokenize ``prompts[i]`` and ``responses[i]`` separately, append EOS; see module docstring."""
-    if chat_template:
-        prompt_ids = tok.encode_batch([tok.render_chat_prompt(p) for p in prompts],
-                                      add_special_tokens=False)
-    else:
-        prompt_ids = tok.encode_batch(prompts, add_special_tokens=True)
-    response_ids = tok.encode_batch(responses, add_special_tokens=False)
+def encode_rollouts(encoder, eos_id: int, prompts: Sequence[str], responses: Sequence[str],
+                    add_prompt_special_tokens: bool = True) -> EncodedChunk:
+    """Tokenize ``prompts[i]`` and ``responses[i]`` separately, append EOS; see module docstring.
+
+    ``encoder`` has ``encode_batch(texts, add_special_tokens)`` (a :class:`RolloutTokenizer`
+    or a worker's light encoder). Prompts rendered by a chat template are passed with
+    ``add_prompt_special_tokens=False``.
+    """
+    prompt_ids = encoder.encode_batch(prompts, add_special_tokens=add_prompt_special_tokens)
+    response_ids = encoder.encode_batch(responses, add_special_tokens=False)
     prompt_lengths = np.fromiter(map(len, prompt_ids), dtype=np.int32, count=len(prompt_ids))
     response_lengths = np.fromiter(map(len, response_ids), dtype=np.int32, count=len(response_ids))
     rollout_lengths = prompt_lengths + response_lengths + 1
-    eos = (tok.eos_id,)
+    eos = (eos_id,)
     pieces = itertools.chain.from_iterable(
         itertools.chain(p, r, eos) for p, r in zip(prompt_ids, response_ids))
     tokens = np.fromiter(pieces, dtype=np.int32, count=int(rollout_lengths.sum()))
@@ -68,28 +71,28 @@ def encode_rollouts(tok: RolloutTokenizer, prompts: Sequence[str], responses: Se
 
 
 # --- worker-process side (module globals live in each worker) ---
-_WORKER_TOKENIZER: Optional[RolloutTokenizer] = None
-_WORKER_CHAT_TEMPLATE = False
+_WORKER_STATE: Optional[tuple] = None  # (encoder, eos_id, add_prompt_special_tokens)
 
 
-def _init_worker(tokenizer_path: str, chat_template: bool) -> None:
-    global _WORKER_TOKENIZER, _WORKER_CHAT_TEMPLATE
+def _init_worker(encoder_spec: tuple, eos_id: int, add_prompt_special_tokens: bool) -> None:
+    global _WORKER_STATE
     # One Rust thread pool per worker process would oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_TOKENIZER = load_tokenizer(tokenizer_path)
-    _WORKER_CHAT_TEMPLATE = chat_template
+    _WORKER_STATE = (encoder_from_spec(encoder_spec), eos_id, add_prompt_special_tokens)
 
 
 def _encode_in_worker(prompts: list[str], responses: list[str]) -> EncodedChunk:
-    return encode_rollouts(_WORKER_TOKENIZER, prompts, responses, _WORKER_CHAT_TEMPLATE)
+    encoder, eos_id, add_special = _WORKER_STATE
+    return encode_rollouts(encoder, eos_id, prompts, responses, add_special)
 
 
 class ChunkEncoder:
     """Ordered, memory-bounded ``map`` of :func:`encode_rollouts` over chunks.
 
-    ``workers=1`` encodes in this process. ``workers>1`` starts a "spawn" pool (no fork of a
-    process that may hold torch/OpenMP or Rust thread pools); each worker loads the tokenizer
-    from ``tokenizer_path`` once. At most ``2 * workers`` chunks are in flight, so memory is
+    ``workers=1`` encodes in this process. ``workers>1`` starts a "spawn" process pool (no fork
+    of a process that may hold torch/OpenMP or Rust thread pools); each worker rebuilds only the
+    encoder, once (an HF fast tokenizer travels as its serialized Rust backend, so workers import
+    neither transformers nor torch). Chat templates are rendered in this process. At most ``2 * workers`` chunks are in flight, so memory is
     bounded by the chunk size, not by the input. Use as a context manager.
     """
 
@@ -97,35 +100,50 @@ class ChunkEncoder:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.workers = max(1, int(workers))
-        self._pool = None
+        self._pool: Optional[ProcessPoolExecutor] = None
         if self.workers > 1:
-            context = multiprocessing.get_context("spawn")
-            self._pool = context.Pool(self.workers, initializer=_init_worker,
-                                      initargs=(tokenizer.path, chat_template))
+            # An executor, not multiprocessing.Pool: when a worker dies (or its initializer
+            # fails) it raises BrokenProcessPool instead of respawning workers forever.
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(tokenizer.encoder_spec(), tokenizer.eos_id, not chat_template))
+
+    def _prompts(self, prompts: list[str]) -> list[str]:
+        # Chat templates are rendered here (jinja needs the full HF tokenizer); workers only encode.
+        if self.chat_template:
+            return [self.tokenizer.render_chat_prompt(p) for p in prompts]
+        return prompts
 
     def map(self, chunks: Iterable[tuple[Any, list[str], list[str]]]
             ) -> Iterator[tuple[Any, EncodedChunk]]:
         """For each ``(payload, prompts, responses)`` yield ``(payload, EncodedChunk)``, in order."""
         if self._pool is None:
             for payload, prompts, responses in chunks:
-                yield payload, encode_rollouts(self.tokenizer, prompts, responses,
-                                               self.chat_template)
+                yield payload, encode_rollouts(self.tokenizer, self.tokenizer.eos_id,
+                                               self._prompts(prompts), responses,
+                                               not self.chat_template)
             return
         pending: deque = deque()
-        for payload, prompts, responses in chunks:
-            pending.append((payload, self._pool.apply_async(_encode_in_worker,
-                                                            (prompts, responses))))
-            if len(pending) >= 2 * self.workers:
-                done_payload, result = pending.popleft()
-                yield done_payload, result.get()
-        while pending:
-            done_payload, result = pending.popleft()
-            yield done_payload, result.get()
+        try:
+            for payload, prompts, responses in chunks:
+                pending.append((payload, self._pool.submit(_encode_in_worker,
+                                                           self._prompts(prompts), responses)))
+                if len(pending) >= 2 * self.workers:
+                    done_payload, future = pending.popleft()
+                    yield done_payload, future.result()
+            while pending:
+                done_payload, future = pending.popleft()
+                yield done_payload, future.result()
+        except BrokenProcessPool as exc:
+            raise RuntimeError(
+                "a tokenizer worker process died. If a script calls pack_rollouts with "
+                "workers > 1, its top level must be guarded by `if __name__ == '__main__':` "
+                "(workers are started with 'spawn' and import the main module).") from exc
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     def __enter__(self) -> "ChunkEncoder":

@@ -106,8 +106,6 @@ def _iter_with_datasets(path: str, fmt: str) -> Iterator[tuple[object, Location]
             yield record, Location(path, number, False)
     except RolloutDataError:
         raise
-    except GeneratorExit:
-        raise
     except Exception as exc:  # pyarrow / datasets raise many types for a bad file
         hint = (" If the file holds one JSON object per line, name it .jsonl to get the exact "
                 "line of the error." if fmt == "json" else "")

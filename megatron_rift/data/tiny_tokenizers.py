@@ -40,13 +40,13 @@ def _wrap_and_save(backend, folder: Path, chat_template: str | None) -> Path:
 
 
 def build_bpe_tokenizer(folder: str | Path, texts: Iterable[str], vocab_size: int = 400,
-                        chat_template: str | None = TINY_CHAT_TEMPLATE) -> Path:
+                        chat_template: str | None = TINY_CHAT_TEMPLATE, add_bos: bool = True) -> Path:
     """Train a byte-level BPE on ``texts`` and save it as an HF tokenizer folder.
 
     Byte-level: every string is encodable, and merges make "tokenize separately" differ from
     "tokenize the concatenation", which is what the packing tests need to see.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     backend = Tokenizer(models.BPE(unk_token=None))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -56,6 +56,9 @@ def build_bpe_tokenizer(folder: str | Path, texts: Iterable[str], vocab_size: in
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     backend.train_from_iterator(list(texts), trainer=trainer)
+    if add_bos:  # Llama-style: add_special_tokens=True puts <s> in front of a text
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))])
     return _wrap_and_save(backend, Path(folder), chat_template)
 
 

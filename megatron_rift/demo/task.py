@@ -56,10 +56,10 @@ class Difficulty:
     max_value: int
 
 
-IN_DISTRIBUTION = Difficulty(min_steps=2, max_steps=3, operand_low=10, operand_high=99, max_value=999)
-# Harder by construction: more operations and three-digit operands and values.
-OUT_OF_DISTRIBUTION = Difficulty(min_steps=4, max_steps=4, operand_low=10, operand_high=199,
-                                 max_value=1999)
+IN_DISTRIBUTION = Difficulty(min_steps=2, max_steps=3, operand_low=5, operand_high=50, max_value=199)
+# Harder by construction: more operations, larger operands and values.
+OUT_OF_DISTRIBUTION = Difficulty(min_steps=4, max_steps=4, operand_low=5, operand_high=99,
+                                 max_value=399)
 DEFAULT_SIZES = {"base": 20000, "train": 500, "val": 200, "test": 500, "ood": 500}
 # Share of base problems drawn with the OOD shape: the base model has seen a few such problems.
 DEFAULT_BASE_OOD_FRACTION = 0.1

@@ -42,6 +42,7 @@ from megatron_rift.checkpointing import (
     unwrap_model,
 )
 from megatron_rift.training import dist_optimizer_fixes
+from megatron_rift.training.save_queue import install_results_queue
 from megatron_rift.training.validation import ConfigError
 
 FORMAT_VERSION = 1
@@ -124,6 +125,7 @@ def _write_root_files(save_root: Path, components, model_source: str | None) -> 
 def save_training_checkpoint(args, components, data, iteration: int, run_flags: dict,
                              model_source: str | None) -> Path:
     root = Path(args.save)
+    install_results_queue()
     _write_root_files(root, components, model_source)
     state = training_state_dict(components, data, iteration, run_flags, is_loading=False)
     return save_checkpoint(root, iteration, state, keep_last=args.keep_last_checkpoints,

@@ -56,7 +56,8 @@ def build_transformer_config(args: argparse.Namespace, plan: RunPlan, arch: GPTA
     )
     if args.sequence_packing and plan.pipeline_parallel > 1:
         # Packed micro-batches have a varying number of rows; p2p must exchange shapes first.
-        overrides["variable_seq_lengths"] = True
+        # (TransformerConfig refuses it with the default MoE dispatcher, unused here.)
+        overrides.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
     if args.fp8_format is not None:
         overrides.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe)
     return to_transformer_config(arch, params_dtype(args), **overrides)

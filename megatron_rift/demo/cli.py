@@ -1,0 +1,122 @@
+"""``megatron-rift demo``: RIFT against its baselines, end to end, on a laptop-sized CPU machine.
+
+Runs the whole pipeline with the project's own tools (task -> tokenizer -> tiny Megatron GPT base ->
+K rollouts -> packing -> SFT/DFT/RFT/RIFT/naive fine-tuning -> HF export -> Mean@K/Pass@K) and writes
+``results.json``, ``results.md`` and ``results.png`` into the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+from megatron_rift.demo.config import METHODS, DemoConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DemoConfig(output_dir="")
+    p = argparse.ArgumentParser(prog="megatron-rift demo", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--output-dir", default=None,
+                   help="folder for every stage's artifacts (default: a fresh demo_runs/<timestamp>)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1; report mean ± std")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--problems", default=None, metavar="FILE.jsonl",
+                   help="your own problems: records with question, answer, optional solution, and "
+                        "split in {train, val, test, ood}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--sweep-lr", action="store_true",
+                   help="choose each method's lr on the validation split (slower)")
+    p.add_argument("--rounds", type=int, default=1, choices=(1, 2),
+                   help="2: iterative RIFT (new rollouts from the RIFT model, train again)")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=d.tensor_parallel,
+                   help="TP for every training run (2 runs under torchrun on gloo)")
+    p.add_argument("--samples-per-problem", type=int, default=d.samples_per_problem, help="K")
+    p.add_argument("--miniature", action="store_true",
+                   help="a ~1-minute pipeline (smaller model, fewer problems): a smoke test")
+    for name in ("base_problems", "train_problems", "test_problems", "ood_problems",
+                 "val_problems", "num_layers", "hidden_size", "max_new_tokens"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                       help=f"default {getattr(d, name)}")
+    for name in ("base_epochs", "finetune_epochs", "base_lr"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=None,
+                       help=f"default {getattr(d, name)}")
+    return p
+
+
+MINIATURE = dict(base_problems=600, train_problems=24, val_problems=8, test_problems=16,
+                 ood_problems=16, num_layers=2, hidden_size=64, ffn_hidden_size=176,
+                 base_epochs=1.0, finetune_epochs=1.0, base_global_batch=32,
+                 finetune_global_batch=32, micro_batch_size=16, max_new_tokens=64)
+
+
+def config_from_args(args) -> DemoConfig:
+    out = args.output_dir or f"demo_runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"megatron-rift demo: unknown method(s) {unknown}; choose from {list(METHODS)}")
+    cfg = DemoConfig(output_dir=out, seed=args.seed, problems_file=args.problems, methods=methods,
+                     sweep_lr=args.sweep_lr, rounds=args.rounds,
+                     tensor_parallel=args.tensor_model_parallel_size,
+                     samples_per_problem=args.samples_per_problem)
+    if args.miniature:
+        cfg = dataclasses.replace(cfg, **MINIATURE)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)
+                 if getattr(args, f.name, None) is not None and f.name not in ("output_dir", "seed")}
+    overrides.pop("methods", None)
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items()
+                                       if k not in ("problems_file", "sweep_lr", "rounds")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if args.problems:
+        from megatron_rift.demo.task import ProblemsFileError, load_problems_file
+
+        try:
+            load_problems_file(args.problems)  # fail before any heavy work
+        except ProblemsFileError as error:
+            print(f"megatron-rift demo: {error}", file=sys.stderr)
+            return 2
+    from megatron_rift.demo.pipeline import DemoRun
+    from megatron_rift.demo.report import aggregate, markdown, plot, write_results
+    from megatron_rift.demo.stages import StageError
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"megatron-rift demo: writing to {out}/", flush=True)
+    start = time.perf_counter()
+    per_seed = []
+    try:
+        for seed in range(cfg.seed, cfg.seed + args.seeds):
+            per_seed.append(DemoRun(cfg, seed, out / f"seed{seed}").run())
+    except StageError as error:
+        print(f"megatron-rift demo: {error}", file=sys.stderr)
+        return 1
+    k = cfg.samples_per_problem
+    summary = aggregate(per_seed, k)
+    table = markdown(summary, k, len(per_seed))
+    (out / "results.md").write_text(table + "\n")
+    write_results(out, summary, per_seed, dataclasses.asdict(cfg), k)
+    png = plot(out, summary, k, out / f"seed{cfg.seed}")
+    print(f"\nMean@{k} / Pass@{k} (%), {len(per_seed)} seed(s), "
+          f"{time.perf_counter() - start:.0f} s:\n\n{table}\n")
+    stats = per_seed[0]["data"]
+    print(f"rollouts from the base (seed {cfg.seed}): {stats.get('rollouts')} "
+          f"({100 * stats.get('positive_fraction', 0):.1f}% correct), mixed problems "
+          f"{100 * stats.get('mixed_fraction', 0):.1f}%")
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}" + (f", {png}" if png else ""))
+    print(json.dumps({"lrs": per_seed[0]["lrs"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

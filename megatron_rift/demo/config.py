@@ -1,0 +1,69 @@
+"""The demo's settings: sizes, the tiny model, and each method's data and learning rate.
+
+Every number here is a CPU-sized default chosen so the whole pipeline fits in minutes on 2 cores;
+``megatron-rift demo --help`` lists the ones a user can change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# method -> (training data, objective). "expert": the train problems' ground-truth solutions written
+# in an expert style of their own (as MATH's reference solutions differ from a model's own);
+# "rollouts": the base model's own K samples with constant rewards +1 / -0.2; "positives": only the
+# correct rollouts (RFT's dataset).
+METHODS = {
+    "sft": ("expert", "sft"),
+    "dft": ("expert", "dft"),
+    "rft": ("positives", "rft"),
+    "rift": ("rollouts", "rift"),
+    "naive": ("rollouts", "naive"),
+}
+
+# Learning rates for the built-in task, chosen by `--sweep-lr` on the validation split (never on the
+# test splits); the paper's ratio (RIFT 5x smaller than SFT/RFT) does not carry over to a 1M-parameter
+# model trained from scratch, so the toy's values come from the sweep. See README "The demo".
+DEFAULT_METHOD_LR = {"sft": 3e-4, "dft": 3e-4, "rft": 3e-4, "rift": 3e-4, "naive": 3e-4}
+SWEEP_LRS = (1e-4, 3e-4, 1e-3)
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    output_dir: str
+    seed: int = 0
+    # Task sizes (problems per split).
+    base_problems: int = 8000
+    train_problems: int = 300
+    val_problems: int = 100
+    test_problems: int = 200
+    ood_problems: int = 200
+    problems_file: str | None = None  # a user's problems instead of the built-in task
+    # Rollouts and evaluation.
+    samples_per_problem: int = 8  # K
+    temperature: float = 0.7
+    top_p: float = 0.8
+    max_new_tokens: int = 96
+    positive_reward: float = 1.0
+    negative_reward: float = -0.2
+    # The tiny base model (Llama-style: RMSNorm, SwiGLU, RoPE, GQA).
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    ffn_hidden_size: int = 352
+    vocab_size: int = 384
+    seq_length: int = 160
+    # Base pretraining: to convergence with cosine decay (a partly competent base because the task
+    # is hard for it, not because it was stopped early).
+    base_epochs: float = 3.0
+    base_lr: float = 2e-3
+    base_global_batch: int = 64
+    # Fine-tuning, the paper's recipe scaled down: AdamW, cosine, 5% warmup, global batch 64, 3 epochs.
+    finetune_epochs: float = 3.0
+    finetune_global_batch: int = 64
+    micro_batch_size: int = 16
+    method_lr: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_METHOD_LR))
+    methods: tuple = tuple(METHODS)
+    sweep_lr: bool = False
+    tensor_parallel: int = 1
+    rounds: int = 1  # 2: iterative RIFT (paper appendix A.2)

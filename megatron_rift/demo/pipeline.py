@@ -1,0 +1,192 @@
+"""The end-to-end demo for one seed: task -> tokenizer -> base model -> rollouts -> every method -> scores.
+
+Folder layout under the demo's output directory (``seed{N}/``)::
+
+    problems/{base,train,val,test,ood}.jsonl   the task
+    tokenizer/                                 trained on the task's text
+    data/{base,expert,rollouts,positives}.*    packed datasets (Megatron .bin/.idx + rewards)
+    base/ckpt, base/hf                         the base model (Megatron checkpoint and its HF export)
+    rollouts/train.jsonl                       K verified samples per train problem from the base
+    methods/<name>/{ckpt,hf,eval}              each fine-tuned model and its scored generations
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from megatron_rift.demo import stages
+from megatron_rift.demo.config import METHODS, SWEEP_LRS, DemoConfig
+from megatron_rift.demo.task import Problem, generate_splits, load_problems_file, task_texts
+from megatron_rift.demo.tokenizer import train_demo_tokenizer
+from megatron_rift.evaluation import evaluate_files, results_dict
+
+EVAL_SPLITS = ("test", "ood")
+
+
+def build_splits(cfg: DemoConfig, seed: int) -> dict[str, list[Problem]]:
+    if cfg.problems_file is None:
+        return generate_splits(seed=seed, sizes={
+            "base": cfg.base_problems, "train": cfg.train_problems, "val": cfg.val_problems,
+            "test": cfg.test_problems, "ood": cfg.ood_problems})
+    problems = load_problems_file(cfg.problems_file)
+    splits: dict[str, list[Problem]] = {s: [p for p in problems if p.split == s]
+                                        for s in ("train", "val", "test", "ood")}
+    # A user's file has no pretraining split: half of the train problems that carry a solution
+    # pretrain the tiny base, the rest are post-training problems (as the built-in task keeps
+    # "base" and "train" apart).
+    with_solution = [p for p in splits["train"] if p.solution]
+    random.Random(seed).shuffle(with_solution)
+    splits["base"] = with_solution[: len(with_solution) // 2]
+    base_ids = {p.prompt_id for p in splits["base"]}
+    splits["train"] = [p for p in splits["train"] if p.prompt_id not in base_ids]
+    if not splits["val"]:
+        splits["val"] = splits["train"][: max(1, len(splits["train"]) // 5)]
+    for needed in ("base", "train", "test"):
+        if not splits[needed]:
+            raise ValueError(f"{cfg.problems_file}: the demo needs {needed!r} problems "
+                             "(train records with a 'solution' pretrain the base; add split "
+                             "'train' and 'test' records)")
+    return splits
+
+
+def evaluate_model(hf_dir: Path, splits: dict[str, list[Problem]], names: tuple[str, ...],
+                   cfg: DemoConfig, out: Path, method: str, seed: int) -> dict:
+    """Sample K per problem on each split in ``names``; Mean@K / Pass@K per split."""
+    paths = []
+    for split in names:
+        if splits.get(split):
+            path = out / f"{split}.jsonl"
+            stages.sample(hf_dir, splits[split], cfg, path, seed=seed + 1000, show_progress=False)
+            paths.append(path)
+    return results_dict(evaluate_files(paths, k=cfg.samples_per_problem), cfg.samples_per_problem, method)
+
+
+class DemoRun:
+    """One seed of the demo. ``run()`` returns ``{method: results_dict}`` plus data statistics."""
+
+    def __init__(self, cfg: DemoConfig, seed: int, folder: Path):
+        self.cfg, self.seed, self.dir = cfg, seed, folder
+        self.timings: dict[str, float] = {}
+        self.skipped: dict[str, str] = {}
+
+    def _stage(self, bar, name: str):
+        bar.set_description(f"seed {self.seed}: {name}")
+        self.timings[name] = time.perf_counter()
+
+    def _done(self, bar, name: str):
+        self.timings[name] = round(time.perf_counter() - self.timings[name], 1)
+        bar.update(1)
+
+    def run(self) -> dict:
+        cfg, d = self.cfg, self.dir
+        methods = list(cfg.methods)
+        total = 4 + len(methods) + (1 if cfg.sweep_lr else 0) + (1 if cfg.rounds > 1 else 0)
+        with tqdm(total=total, unit="stage", dynamic_ncols=True) as bar:
+            self._stage(bar, "task + tokenizer")
+            splits = build_splits(cfg, self.seed)
+            stages.save_problems(splits, d / "problems")
+            tok = train_demo_tokenizer(task_texts(p for s in splits.values() for p in s), d / "tokenizer")
+            self._done(bar, "task + tokenizer")
+
+            self._stage(bar, "base model")
+            base_data = d / "data" / "base"
+            stages.pack([stages.write_sft_records(splits["base"], d / "records" / "base.jsonl", "model")],
+                        base_data, tok, cfg)
+            base_ckpt = d / "base" / "ckpt"
+            stages.train(cfg, base_data, base_ckpt, "sft", cfg.base_lr, cfg.base_epochs,
+                         cfg.base_global_batch, d / "base")
+            base_hf = stages.export_hf(base_ckpt, d / "base" / "hf", d / "base", tok)
+            self._done(bar, "base model")
+
+            self._stage(bar, "rollouts")
+            rollouts = d / "rollouts" / "train.jsonl"
+            stages.sample(base_hf, splits["train"], cfg, rollouts, seed=self.seed)
+            data = self._pack_post_training(splits, rollouts, tok)
+            self._done(bar, "rollouts")
+
+            self._stage(bar, "evaluate base")
+            results = {"base": evaluate_model(base_hf, splits, EVAL_SPLITS, cfg, d / "base" / "eval",
+                                              "base", self.seed)}
+            self._done(bar, "evaluate base")
+
+            lrs = dict(cfg.method_lr)
+            if cfg.sweep_lr:
+                self._stage(bar, "lr sweep (validation split)")
+                lrs.update(self._sweep(splits, data, base_ckpt, methods))
+                self._done(bar, "lr sweep (validation split)")
+
+            for method in methods:
+                self._stage(bar, method)
+                if data[METHODS[method][0]] is None:
+                    self.skipped[method] = "the base produced no correct rollout to train on"
+                else:
+                    results[method] = self._finetune_and_evaluate(
+                        method, lrs[method], data, base_ckpt, splits, d / "methods" / method)
+                self._done(bar, method)
+
+            if cfg.rounds > 1 and "rift" in methods:
+                self._stage(bar, "rift round 2")
+                results["rift (round 2)"] = self._second_round(splits, tok, lrs["rift"])
+                self._done(bar, "rift round 2")
+        return {"results": results, "lrs": lrs, "data": self.data_stats, "timings_s": self.timings,
+                "skipped": self.skipped}
+
+    def _pack_post_training(self, splits, rollouts: Path, tok: Path) -> dict[str, Path]:
+        cfg, d = self.cfg, self.dir
+        expert = stages.write_sft_records(splits["train"], d / "records" / "expert.jsonl", "expert")
+        data = {"expert": d / "data" / "expert", "rollouts": d / "data" / "rollouts",
+                "positives": d / "data" / "positives"}
+        stages.pack([expert], data["expert"], tok, cfg)
+        trainable, empty = stages.drop_empty_responses(rollouts)
+        self.data_stats = stages.pack([trainable], data["rollouts"], tok, cfg)
+        self.data_stats["empty_responses_dropped"] = empty
+        if self.data_stats.get("positive", 0) > 0:
+            stages.pack([trainable], data["positives"], tok, cfg, keep="positive")
+        else:
+            data["positives"] = None  # RFT has nothing to train on: recorded, not an error
+        return data
+
+    def _finetune_and_evaluate(self, method, lr, data, start_ckpt, splits, folder: Path,
+                               eval_splits=EVAL_SPLITS) -> dict:
+        source, objective = METHODS[method]
+        ckpt = folder / "ckpt"
+        stages.train(self.cfg, data[source], ckpt, objective, lr, self.cfg.finetune_epochs,
+                     self.cfg.finetune_global_batch, folder, pretrained=start_ckpt)
+        hf = stages.export_hf(ckpt, folder / "hf", folder, self.dir / "tokenizer")
+        result = evaluate_model(hf, splits, eval_splits, self.cfg, folder / "eval", method, self.seed)
+        result["lr"] = lr
+        return result
+
+    def _sweep(self, splits, data, base_ckpt, methods) -> dict[str, float]:
+        """Each method's lr by validation Mean@K (never the test splits)."""
+        chosen = {}
+        for method in methods:
+            if data[METHODS[method][0]] is None:
+                continue
+            scores = {}
+            for lr in SWEEP_LRS:
+                folder = self.dir / "sweep" / f"{method}_lr{lr:g}"
+                result = self._finetune_and_evaluate(method, lr, data, base_ckpt, splits, folder,
+                                                     eval_splits=("val",))
+                scores[lr] = result["average"]["mean_at_k"]
+            chosen[method] = max(scores, key=scores.get)
+            (self.dir / "sweep").mkdir(exist_ok=True)
+            with open(self.dir / "sweep" / "scores.jsonl", "a") as f:
+                f.write(json.dumps({"method": method, "val_mean_at_k": scores,
+                                    "chosen_lr": chosen[method]}) + "\n")
+        return chosen
+
+    def _second_round(self, splits, tok: Path, lr: float) -> dict:
+        """Iterative RIFT (paper appendix A.2): new rollouts from the round-1 RIFT model, train again."""
+        d = self.dir / "round2"
+        first = self.dir / "methods" / "rift"
+        rollouts = d / "rollouts.jsonl"
+        stages.sample(first / "hf", splits["train"], self.cfg, rollouts, seed=self.seed + 1)
+        data = {"rollouts": d / "data" / "rollouts"}
+        stages.pack([stages.drop_empty_responses(rollouts)[0]], data["rollouts"], tok, self.cfg)
+        return self._finetune_and_evaluate("rift", lr, data, first / "ckpt", splits, d / "rift")

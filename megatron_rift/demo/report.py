@@ -1,0 +1,109 @@
+"""The demo's outputs: ``results.json``, a markdown table (mean ± std over seeds) and a PNG."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+SPLIT_LABELS = {"test": "ID test", "ood": "OOD"}
+
+
+def aggregate(per_seed: list[dict], k: int) -> dict:
+    """``{method: {split: {"mean@k": mean, "mean@k_std": std, "pass@k": ..., "pass@k_std": ...}}}``
+    in percent, over seeds (std is 0 with one seed)."""
+    methods: dict[str, dict] = {}
+    for run in per_seed:
+        for method, result in run["results"].items():
+            for split, score in result["benchmarks"].items():
+                cell = methods.setdefault(method, {}).setdefault(split, {"mean": [], "pass": []})
+                cell["mean"].append(100 * score["mean_at_k"])
+                cell["pass"].append(100 * score["pass_at_k"])
+    out: dict[str, dict] = {}
+    for method, splits in methods.items():
+        out[method] = {}
+        for split, cell in splits.items():
+            entry = {}
+            for name, values in (("mean", cell["mean"]), ("pass", cell["pass"])):
+                entry[f"{name}@{k}"] = round(statistics.fmean(values), 2)
+                entry[f"{name}@{k}_std"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+                entry[f"{name}@{k}_per_seed"] = [round(v, 2) for v in values]
+            out[method][split] = entry
+    return out
+
+
+def markdown(summary: dict, k: int, num_seeds: int) -> str:
+    splits = [s for s in SPLIT_LABELS if any(s in v for v in summary.values())]
+    head = " | ".join(f"{SPLIT_LABELS[s]} Mean@{k} | {SPLIT_LABELS[s]} Pass@{k}" for s in splits)
+    lines = [f"| method | {head} |", "|---|" + "---:|" * (2 * len(splits))]
+    pm = num_seeds > 1
+    for method, per_split in summary.items():
+        cells = []
+        for s in splits:
+            e = per_split.get(s)
+            for name in ("mean", "pass"):
+                if e is None:
+                    cells.append("-")
+                else:
+                    value = f"{e[f'{name}@{k}']:.1f}"
+                    cells.append(value + (f" ± {e[f'{name}@{k}_std']:.1f}" if pm else ""))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(out_dir: Path, summary: dict, per_seed: list[dict], config: dict, k: int) -> Path:
+    path = out_dir / "results.json"
+    payload = {"k": k, "seeds": len(per_seed), "methods": summary, "config": config,
+               "per_seed": [{key: run[key] for key in ("lrs", "data", "timings_s", "skipped")} for run in per_seed]}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _loss_curves(seed_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    curves = {}
+    for metrics in sorted(seed_dir.glob("methods/*/metrics.jsonl")):
+        points = []
+        for line in metrics.read_text().splitlines():
+            record = json.loads(line)
+            if "loss" in record and "step" in record:
+                points.append((record["step"], record["loss"]))
+        curves[metrics.parent.name] = points
+    return curves
+
+
+def plot(out_dir: Path, summary: dict, k: int, seed_dir: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    methods = list(summary)
+    splits = [s for s in SPLIT_LABELS if any(s in v for v in summary.values())]
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(splits))
+    for i, split in enumerate(splits):
+        values = [summary[m].get(split, {}).get(f"mean@{k}", 0.0) for m in methods]
+        errors = [summary[m].get(split, {}).get(f"mean@{k}_std", 0.0) for m in methods]
+        xs = [j + (i - (len(splits) - 1) / 2) * width for j in range(len(methods))]
+        acc.bar(xs, values, width, yerr=errors, capsize=3, label=SPLIT_LABELS[split])
+    acc.set_xticks(range(len(methods)), methods, rotation=20)
+    acc.set_ylabel(f"Mean@{k} (%)")
+    acc.set_title("Accuracy per method")
+    acc.legend()
+    for method, points in _loss_curves(seed_dir).items():
+        if points:
+            loss.plot([p[0] for p in points], [p[1] for p in points], label=method)
+    loss.set_xlabel("step")
+    loss.set_ylabel("training loss (token mean)")
+    loss.set_yscale("symlog", linthresh=1.0)
+    loss.set_title("Fine-tuning loss (first seed)")
+    loss.legend()
+    fig.tight_layout()
+    path = out_dir / "results.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,159 @@
+"""The demo's stages, each a call into the project's own tools.
+
+Training and HF export run as subprocesses (``python -m megatron_rift.train`` under torchrun when
+TP > 1, ``tools/convert_megatron_to_hf.py``) because Megatron's parallel state is process-global;
+packing, generation and evaluation are library calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron_rift.demo.config import DemoConfig
+from megatron_rift.demo.task import Problem, write_problems_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class StageError(RuntimeError):
+    """A stage's subprocess failed; the message holds its command and the tail of its output."""
+
+
+def _run(cmd: list[str], log_path: Path, what: str) -> None:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-25:]
+        raise StageError(f"{what} failed (exit {proc.returncode}); full log: {log_path}\n"
+                         f"command: {' '.join(cmd)}\n" + "\n".join(tail))
+
+
+def write_sft_records(problems: list[Problem], path: Path, style: str) -> Path:
+    """Problems with a known solution as rollout records of reward 1 (what the packer reads).
+
+    ``style`` is ``"model"`` (the base's pretraining format) or ``"expert"`` (ground truth for SFT/DFT).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for p in problems:
+            solution = p.solution if style == "model" else (p.expert_solution or p.solution)
+            if solution:
+                f.write(json.dumps({"prompt": p.prompt, "response": solution, "reward": 1.0,
+                                    "prompt_id": p.prompt_id}) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def pack(inputs: list[Path], prefix: Path, tokenizer_dir: Path, cfg: DemoConfig,
+         keep: str = "all") -> dict:
+    from megatron_rift.data.packing import PackConfig, pack_rollouts
+
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    return pack_rollouts(PackConfig(
+        inputs=[str(p) for p in inputs], output_prefix=str(prefix), tokenizer=str(tokenizer_dir),
+        max_seq_length=cfg.seq_length, overlong="truncate", reward_scheme="constant",
+        positive_reward=cfg.positive_reward, negative_reward=cfg.negative_reward, keep=keep,
+        overwrite=True, seed=cfg.seed, progress=False))
+
+
+def fit_batch(data_prefix: Path, global_batch: int, micro_batch: int) -> tuple[int, int]:
+    """Shrink the global batch to the dataset when it is smaller than one batch (small user files,
+    the miniature), keeping it a multiple of the micro-batch."""
+    num_samples = json.loads(Path(f"{data_prefix}.json").read_text())["rollouts"]
+    global_batch = max(1, min(global_batch, num_samples))
+    micro_batch = min(micro_batch, global_batch)
+    return global_batch - global_batch % micro_batch, micro_batch
+
+
+def architecture_flags(cfg: DemoConfig) -> list[str]:
+    return ["--num-layers", str(cfg.num_layers), "--hidden-size", str(cfg.hidden_size),
+            "--num-attention-heads", str(cfg.num_attention_heads),
+            "--num-query-groups", str(cfg.num_query_groups),
+            "--ffn-hidden-size", str(cfg.ffn_hidden_size),
+            "--max-position-embeddings", str(cfg.seq_length)]
+
+
+def train(cfg: DemoConfig, data_prefix: Path, save: Path, objective: str, lr: float,
+          epochs: float, global_batch: int, log_dir: Path, pretrained: Path | None = None,
+          seed: int | None = None) -> Path:
+    """Run the trainer; returns its metrics.jsonl. From scratch when ``pretrained`` is None."""
+    metrics = log_dir / "metrics.jsonl"
+    global_batch, micro_batch = fit_batch(data_prefix, global_batch, cfg.micro_batch_size)
+    launcher = [sys.executable, "-m", "megatron_rift.train"]
+    if cfg.tensor_parallel > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={cfg.tensor_parallel}", "-m", "megatron_rift.train"]
+    cmd = launcher + [
+        "--data-path", str(data_prefix), "--objective", objective, "--lr", str(lr),
+        "--min-lr", str(lr / 10), "--lr-decay-style", "cosine", "--lr-warmup-fraction", "0.05",
+        "--epochs", str(epochs), "--global-batch-size", str(global_batch),
+        "--micro-batch-size", str(micro_batch),
+        "--seq-length", str(cfg.seq_length), "--weight-decay", "0.0", "--clip-grad", "1.0",
+        "--tensor-model-parallel-size", str(cfg.tensor_parallel),
+        "--seed", str(cfg.seed if seed is None else seed),
+        "--save", str(save), "--log-file", str(metrics), "--log-interval", "10",
+    ]
+    if pretrained is None:
+        cmd += architecture_flags(cfg)
+    else:
+        cmd += ["--pretrained-checkpoint", str(pretrained)]
+    _run(cmd, log_dir / "train.log", f"training ({objective})")
+    return metrics
+
+
+def export_hf(ckpt: Path, out: Path, log_dir: Path, tokenizer_dir: Path) -> Path:
+    """Megatron checkpoint -> HF folder, with the demo's tokenizer beside the weights so the folder
+    is self-contained for transformers / vLLM."""
+    cmd = [sys.executable, str(REPO / "tools" / "convert_megatron_to_hf.py"), "--megatron-path",
+           str(ckpt), "--output", str(out), "--overwrite"]
+    _run(cmd, log_dir / "export.log", f"HF export of {ckpt}")
+    for item in Path(tokenizer_dir).iterdir():
+        if item.is_file() and not (out / item.name).exists():
+            shutil.copy2(item, out / item.name)
+    return out
+
+
+def sample(hf_dir: Path, problems: list[Problem], cfg: DemoConfig, out: Path, seed: int,
+           show_progress: bool = True) -> list[dict]:
+    """K samples per problem, verified with the math verifier; written to ``out`` as JSONL."""
+    from megatron_rift.generation import GenerationProblem, SamplingConfig, generate_rollouts, write_jsonl
+    from megatron_rift.rewards import get_verifier
+
+    gen_problems = [GenerationProblem(prompt_id=p.prompt_id, prompt=p.prompt, answer=p.answer,
+                                      question=p.question) for p in problems]
+    records = generate_rollouts(
+        hf_dir, gen_problems, get_verifier("math"),
+        SamplingConfig(num_samples=cfg.samples_per_problem, temperature=cfg.temperature,
+                       top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed),
+        backend="transformers", batch_size=64, device="cpu", show_progress=show_progress)
+    write_jsonl(records, out)
+    return records
+
+
+def drop_empty_responses(rollouts: Path) -> tuple[Path, int]:
+    """Copy of the rollouts without empty responses (an immediate EOS: scored wrong in evaluation,
+    but nothing to train on, and the packer rightly refuses them). Returns (path, number dropped)."""
+    out = rollouts.with_name(rollouts.stem + ".trainable.jsonl")
+    dropped = 0
+    with open(rollouts, encoding="utf-8") as src, open(out, "w", encoding="utf-8") as dst:
+        for line in src:
+            if json.loads(line)["response"].strip():
+                dst.write(line)
+            else:
+                dropped += 1
+    return out, dropped
+
+
+def save_problems(splits: dict[str, list[Problem]], folder: Path) -> None:
+    for split, problems in splits.items():
+        write_problems_jsonl(problems, folder / f"{split}.jsonl")

@@ -1,0 +1,88 @@
+"""The training loop: initialize, build, load, then step / log / save until ``train_iters``."""
+
+from __future__ import annotations
+
+import time
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.num_microbatches_calculator import (
+    destroy_num_microbatches_calculator,
+    get_num_microbatches,
+    init_num_microbatches_calculator,
+)
+
+from megatron_rift.parallel import destroy_distributed, init_distributed
+from megatron_rift.training.checkpoint_state import (
+    load_start_state,
+    maybe_kill_for_test,
+    run_flags_record,
+    save_training_checkpoint,
+)
+from megatron_rift.training.data import TrainingData
+from megatron_rift.training.logging import MetricsLogger
+from megatron_rift.training.setup import resolve_use_te, setup_training
+from megatron_rift.training.step import make_forward_step, train_step
+from megatron_rift.training.validation import RunPlan
+
+
+def _should_save(args, iteration: int, train_iters: int) -> bool:
+    if not args.save:
+        return False
+    return iteration == train_iters or bool(args.save_interval and iteration % args.save_interval == 0)
+
+
+def run_training(args, plan: RunPlan) -> dict:
+    """Train per ``args``/``plan`` (a process group per torchrun's environment). Returns the last
+    step's record on rank 0 (an empty dict elsewhere, or when nothing was left to train)."""
+    init_distributed(plan.tensor_parallel, plan.pipeline_parallel, args.seed)
+    try:
+        return _train(args, plan)
+    finally:
+        destroy_num_microbatches_calculator()
+        destroy_distributed()
+
+
+def _train(args, plan: RunPlan) -> dict:
+    rank = dist.get_rank()
+    init_num_microbatches_calculator(rank, None, args.global_batch_size, args.micro_batch_size,
+                                     parallel_state.get_data_parallel_world_size())
+    # The data first: a rollout longer than --seq-length is a ConfigError on every rank alike.
+    data = TrainingData(args, parallel_state.get_data_parallel_rank(),
+                        parallel_state.get_data_parallel_world_size(), resolve_use_te(args))
+    components = setup_training(args, plan)
+    is_logger = rank == 0
+    log = (lambda msg: print(msg, flush=True)) if is_logger else (lambda msg: None)
+    log(f"megatron-rift train: objective {args.objective}, {plan.train_iters} steps of "
+        f"{args.global_batch_size} rollouts, lr {plan.lr:g} ({args.lr_decay_style}, "
+        f"{plan.warmup_iters} warmup), TP={plan.tensor_parallel} PP={plan.pipeline_parallel} "
+        f"DP={plan.data_parallel}, seq {data.seq_length}, model from {plan.arch_source}, "
+        f"{'Transformer Engine' if components.use_te else 'local'} layers")
+    start_iteration = load_start_state(args, plan, components, data, log)
+    run_flags = run_flags_record(args)
+    logger = MetricsLogger(args, plan.train_iters, start_iteration, enabled=is_logger,
+                           run_config=run_flags)
+    forward_step = make_forward_step(args.objective, args.negative_mode, args.sequence_packing,
+                                     components.use_te)
+    model_source = plan.start_dir
+    record: dict = {}
+    try:
+        for iteration in range(start_iteration + 1, plan.train_iters + 1):
+            started = time.perf_counter()
+            epoch, _ = data.position()
+            micro_batches, global_tokens = data.next_step()
+            values = train_step(components, micro_batches, get_num_microbatches(),
+                                data.seq_length, args.micro_batch_size, forward_step)
+            elapsed = time.perf_counter() - started
+            record = {"step": iteration, **values, "tokens": global_tokens,
+                      "tokens_per_s": global_tokens / elapsed, "step_time_s": elapsed,
+                      "epoch": epoch, "samples": iteration * args.global_batch_size}
+            logger.log_step(record)
+            maybe_kill_for_test("step", iteration)
+            if _should_save(args, iteration, plan.train_iters):
+                folder = save_training_checkpoint(args, components, data, iteration, run_flags,
+                                                  model_source)
+                log(f"saved checkpoint {folder}")
+    finally:
+        logger.close()
+    return record if is_logger else {}

@@ -1,0 +1,119 @@
+"""Launch ``python -m megatron_rift.train`` under torchrun from the trainer tests and read its
+``metrics.jsonl``.
+
+Runs are cached by name under the pytest session's base temp folder, so the parallel and the
+resume tests share one uninterrupted reference run. Each launch gets its own process session:
+after it ends (or times out) whatever it left behind is killed by that session's id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.torchrun_utils import REPO, free_port
+
+RUN_TIMEOUT = 240  # seconds; a hung collective fails the test instead of hanging CI
+
+
+def prepared_assets(base: Path) -> dict:
+    """The tiny dataset and "converted" release checkpoint (tests/workers/train_prepare.py),
+    built once per pytest session."""
+    out = base / "train_assets"
+    done = out / "assets.json"
+    if not done.is_file():
+        proc = subprocess.run([sys.executable, str(REPO / "tests/workers/train_prepare.py"),
+                               str(out)], capture_output=True, text=True, timeout=RUN_TIMEOUT,
+                              env=_env(), cwd=str(REPO))
+        if proc.returncode != 0:
+            raise AssertionError(f"train_prepare failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        done.write_text(proc.stdout.strip().splitlines()[-1])
+    return json.loads(done.read_text())
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
+    env.update(extra or {})
+    return env
+
+
+def start_trainer(run_dir: Path, nproc: int, args: list[str], env: dict | None = None
+                  ) -> subprocess.Popen:
+    """Start torchrun in its own session; output goes to run_dir/output.txt."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           "-m", "megatron_rift.train", *args]
+    output = open(run_dir / "output.txt", "w")
+    return subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=_env(env),
+                            cwd=str(REPO), start_new_session=True)
+
+
+def wait_trainer(proc: subprocess.Popen, run_dir: Path, timeout: float = RUN_TIMEOUT
+                 ) -> tuple[int, str, float]:
+    """(exit code, output, seconds); kills the run's whole session on timeout and afterwards."""
+    started = time.monotonic()
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # leftovers of this run only (its own session)
+        except ProcessLookupError:
+            pass
+    output = (run_dir / "output.txt").read_text()
+    if code is None:
+        raise AssertionError(f"trainer timed out after {timeout} s:\n{output[-6000:]}")
+    return code, output, time.monotonic() - started
+
+
+def run_trainer(run_dir: Path, nproc: int, args: list[str], env: dict | None = None,
+                expect_success: bool = True) -> tuple[int, str]:
+    code, output, _ = wait_trainer(start_trainer(run_dir, nproc, args, env), run_dir)
+    if expect_success and code != 0:
+        raise AssertionError(f"trainer failed (exit {code}):\n{output[-8000:]}")
+    return code, output
+
+
+def read_metrics(path: Path) -> dict[int, dict]:
+    """{step: record} from a metrics.jsonl (a resumed run rewrites later steps: last one wins)."""
+    records = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[record["step"]] = record
+    return records
+
+
+def cached_run(base: Path, name: str, nproc: int, args: list[str]) -> dict[int, dict]:
+    """Run once per session under base/train_runs/name; return its metrics."""
+    run_dir = base / "train_runs" / name
+    metrics = run_dir / "metrics.jsonl"
+    if not (run_dir / "done").is_file():
+        if metrics.exists():
+            metrics.unlink()
+        run_trainer(run_dir, nproc, [*args, "--log-file", str(metrics)])
+        (run_dir / "done").write_text("ok")
+    return read_metrics(metrics)
+
+
+def tiny_rift_args(assets: dict) -> list[str]:
+    """One epoch (48 rollouts / 8 = 6 steps) of RIFT from the shared release checkpoint.
+
+    The lr is high for a fine-tune so that each step moves the loss visibly."""
+    return ["--data-path", assets["data"], "--pretrained-checkpoint", assets["release"],
+            "--objective", "rift", "--seq-length", "32", "--micro-batch-size", "2",
+            "--global-batch-size", "8", "--epochs", "1", "--lr", "1e-3", "--seed", "5"]
+
+
+def reference_run(base: Path) -> dict[int, dict]:
+    """The uninterrupted single-process (TP=PP=DP=1) run every other run is compared with."""
+    return cached_run(base, "reference_tp1", 1, tiny_rift_args(prepared_assets(base)))
