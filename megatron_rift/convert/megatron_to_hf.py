@@ -25,7 +25,8 @@ from megatron_rift.convert.hf_to_megatron import (HF_CONFIG_DIR, TOKENIZER_DIR, 
                                                   dtype_from_name)
 from megatron_rift.convert.output_dir import check_output_dir, staged_output_dir
 from megatron_rift.convert.safetensors_io import ShardedSafetensorsWriter
-from megatron_rift.convert.tables import ResolvedWeight, checkpoint_key, table_for_architecture
+from megatron_rift.convert.tables import (ResolvedWeight, checkpoint_key, module_param_name,
+                                         table_for_architecture)
 from megatron_rift.convert.verify import check_parity, verify_parity
 from megatron_rift.model import GPTArchitecture
 
@@ -56,6 +57,7 @@ class DistCheckpointReader:
         return self.metadata.get(checkpoint_key(megatron_name)[0])
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Full tensors (TP=1 shape, padded vocabulary as stored) for per-layer Megatron names."""
         request = {}
         for name in names:
             key, layer = checkpoint_key(name)
@@ -187,8 +189,6 @@ def hf_weights_from_state_dict(state_dict: dict, arch: GPTArchitecture,
                                layer_spec) -> dict[str, torch.Tensor]:
     """HF weights from the ``state_dict()`` of an in-memory, unsharded (TP=PP=1) GPTModel built with
     ``layer_spec`` (module names differ between the local and TE specs; the table knows both)."""
-    from megatron_rift.convert.tables import module_param_name
-
     weights = {}
     for row in table_for_architecture(arch).resolve(arch):
         name = module_param_name(row.megatron, layer_spec)

@@ -47,19 +47,23 @@ FACTOR_PHRASES = {("*", 2): "doubles them", ("*", 3): "triples them", ("/", 2): 
 
 @dataclasses.dataclass(frozen=True)
 class Difficulty:
-    """How a problem is drawn: number of operations, operand range (inclusive), bound on every value."""
+    """How a problem is drawn: number of operations, start-value and +/- operand ranges (inclusive),
+    and a bound on every intermediate value."""
 
     min_steps: int
     max_steps: int
+    start_low: int
+    start_high: int
     operand_low: int
     operand_high: int
     max_value: int
 
 
-IN_DISTRIBUTION = Difficulty(min_steps=2, max_steps=3, operand_low=5, operand_high=50, max_value=199)
-# Harder by construction: more operations, larger operands and values.
-OUT_OF_DISTRIBUTION = Difficulty(min_steps=4, max_steps=4, operand_low=5, operand_high=99,
-                                 max_value=399)
+IN_DISTRIBUTION = Difficulty(min_steps=2, max_steps=4, start_low=10, start_high=99, operand_low=2,
+                             operand_high=9, max_value=299)
+# Harder by construction: more operations and larger intermediate values.
+OUT_OF_DISTRIBUTION = Difficulty(min_steps=5, max_steps=6, start_low=10, start_high=99, operand_low=2,
+                                 operand_high=9, max_value=599)
 DEFAULT_SIZES = {"base": 20000, "train": 500, "val": 200, "test": 500, "ood": 500}
 # Share of base problems drawn with the OOD shape: the base model has seen a few such problems.
 DEFAULT_BASE_OOD_FRACTION = 0.1
@@ -156,7 +160,7 @@ def _feasible_operations(value: int, difficulty: Difficulty) -> list[tuple[str, 
 def draw_problem(rng: random.Random, difficulty: Difficulty, prompt_id: str, split: str) -> Problem:
     """Draw one problem; every intermediate value stays in [0, difficulty.max_value]."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    start = rng.randint(difficulty.operand_low, difficulty.operand_high)
+    start = rng.randint(difficulty.start_low, difficulty.start_high)
     sentences = [f"{name} has {start} {item}."]
     operations, value = [], start
     for _ in range(rng.randint(difficulty.min_steps, difficulty.max_steps)):
