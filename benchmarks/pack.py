@@ -4,7 +4,8 @@ Synthetic rollouts (64-token prompts, 256-token responses, 8 per problem) are wr
 packed with a word-level HF tokenizer built on the fly (one token per word), with 1 and 2 worker
 processes; the same at a quarter of the size shows whether peak memory depends on input size.
 Each run is a fresh process (imports done before the clock starts) whose resident memory, and that
-of its workers, is sampled every 50 ms.
+of its workers, is sampled every 50 ms. Besides wall time it reports the CPU seconds of packing
+(main process + workers), which other jobs on a shared machine disturb much less.
 
     .venv/bin/python benchmarks/pack.py                 # 200k and 50k rollouts, 1 and 2 workers
     .venv/bin/python benchmarks/pack.py --sizes 20000 --workers 1
@@ -32,13 +33,17 @@ import json, sys, time, warnings
 warnings.filterwarnings("ignore")
 import megatron.core.datasets.indexed_dataset  # import cost is not packing cost
 from megatron_rift.data import PackConfig, pack_rollouts
+import resource
 args = json.loads(sys.argv[1])
-start = time.perf_counter()
+def cpu():  # this process + finished workers (the pool is shut down inside pack_rollouts)
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+start, cpu_start = time.perf_counter(), cpu()
 summary = pack_rollouts(PackConfig(inputs=[args["input"]], output_prefix=args["prefix"],
                                    tokenizer=args["tokenizer"], workers=args["workers"],
                                    overwrite=True, progress=False))
-elapsed = time.perf_counter() - start
-print(json.dumps({"seconds": elapsed, "rollouts": summary["rollouts"],
+elapsed, cpu_seconds = time.perf_counter() - start, cpu() - cpu_start
+print(json.dumps({"seconds": elapsed, "cpu_seconds": cpu_seconds, "rollouts": summary["rollouts"],
                   "tokens": summary["total_tokens"]}))
 """
 
@@ -102,9 +107,9 @@ def main() -> None:
         tmp = Path(tmp)
         tokenizer = build_wordlevel_tokenizer(tmp / "tokenizer", VOCAB_WORDS)
         print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.2f}")
-        print("| rollouts | input MiB | workers | seconds | rollouts/s | tokens/s | "
-              "peak RSS main (MiB) | peak RSS main+workers (MiB) |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| rollouts | input MiB | workers | wall s | rollouts/s | tokens/s | CPU s | "
+              "rollouts per CPU-s | load avg | peak RSS main (MiB) | peak RSS main+workers (MiB) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for size in args.sizes:
             data = tmp / f"rollouts_{size}.jsonl"
             write_rollouts(data, size, args.prompt_tokens, args.response_tokens)
@@ -116,7 +121,9 @@ def main() -> None:
                 label = f"{workers} + Rust threads" if rust_threads else str(workers)
                 print(f"| {size} | {data.stat().st_size / 2**20:.0f} | {label} | "
                       f"{r['seconds']:.1f} | {size / r['seconds']:.0f} | "
-                      f"{r['tokens'] / r['seconds'] / 1e6:.2f}M | {r['peak_main_mib']:.0f} | "
+                      f"{r['tokens'] / r['seconds'] / 1e6:.2f}M | {r['cpu_seconds']:.1f} | "
+                      f"{size / r['cpu_seconds']:.0f} | {os.getloadavg()[0]:.1f} | "
+                      f"{r['peak_main_mib']:.0f} | "
                       f"{r['peak_total_mib']:.0f} |", flush=True)
             data.unlink()
         print(f"load average after: {os.getloadavg()[0]:.2f}")

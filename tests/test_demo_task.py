@@ -29,7 +29,7 @@ _SENTENCE_EFFECTS = [
 
 
 def _solve_question(question):
-    """Returns (answer, number of operations, largest operand) from the question's words alone."""
+    """Returns (answer, number of operations, largest value on the way) from the question's words."""
     sentences = [s.strip() for s in question.split(".")]
     head = re.fullmatch(r"(\w+) has (\d+) (\w+)", sentences[0])
     assert head, question
@@ -41,9 +41,8 @@ def _solve_question(question):
         for pattern, effect in _SENTENCE_EFFECTS:
             match = re.fullmatch(pattern, action)
             if match:
-                operand = int(match.group(1)) if match.groups() else 0
-                largest = max(largest, operand)
-                value = effect(value, operand)
+                value = effect(value, int(match.group(1)) if match.groups() else 0)
+                largest = max(largest, value)
                 break
         else:
             raise AssertionError(f"unknown sentence {sentence!r}")
@@ -107,10 +106,11 @@ def test_ood_is_harder_by_construction(splits):
         readings = [_solve_question(p.question) for p in problems]
         return [steps for _, steps, _ in readings], [largest for _, _, largest in readings]
 
-    id_steps, id_operands = shape(splits["test"] + splits["train"] + splits["val"])
-    ood_steps, ood_operands = shape(splits["ood"])
+    id_steps, id_values = shape(splits["test"] + splits["train"] + splits["val"])
+    ood_steps, ood_values = shape(splits["ood"])
     assert max(id_steps) < min(ood_steps)  # more operations, every time
-    assert max(id_operands) <= IN_DISTRIBUTION.operand_high < max(ood_operands)
+    assert max(id_values) <= IN_DISTRIBUTION.max_value < max(ood_values)  # and larger numbers
+    assert sum(ood_values) / len(ood_values) > 1.2 * sum(id_values) / len(id_values)
     assert sum(len(p.solution) for p in splits["ood"]) / len(splits["ood"]) > \
         1.2 * sum(len(p.solution) for p in splits["test"]) / len(splits["test"])
     # Reachable: a share of the base split has the OOD shape (more steps than in-distribution).
@@ -222,7 +222,10 @@ def test_tokenizer_folder_is_replaced_atomically(splits, tmp_path):
 
     folder = tmp_path / "tok"
     texts = list(task_texts(splits["train"]))
-    train_demo_tokenizer(texts, folder, vocab_size=300)
-    train_demo_tokenizer(texts, folder, vocab_size=320)
-    assert vocab_size_of(folder) <= 320
+    train_demo_tokenizer(texts, folder, vocab_size=340)
+    train_demo_tokenizer(texts, folder, vocab_size=360)
+    assert vocab_size_of(folder) <= 360
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]  # no temporary folders left
+    with pytest.raises(ValueError, match="vocab_size=100 is too small"):
+        train_demo_tokenizer(texts, folder, vocab_size=100)
+    assert vocab_size_of(folder) <= 360  # a failed run leaves the previous folder as it was

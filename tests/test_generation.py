@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     splits = generate_splits(seed=0, sizes={"base": 200, "train": 10, "val": 1, "test": 10, "ood": 1})
     tokenizer = train_demo_tokenizer(task_texts(p for s in splits.values() for p in s), root / "tok",
-                                     vocab_size=320)
+                                     vocab_size=340)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab_size_of(tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

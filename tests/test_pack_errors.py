@@ -119,3 +119,12 @@ def test_existing_prefix_needs_overwrite(tmp_path, tokenizers):
     assert sorted(p.name for p in out.iterdir()) == [
         "ds.bin", "ds.idx", "ds.json", "ds.rewards.npy"]
     assert json.loads((out / "ds.json").read_text())["rollouts"] == 2
+
+
+def test_chat_template_needs_an_hf_tokenizer_with_one(tmp_path, tokenizers):
+    data = tmp_path / "rollouts.jsonl"
+    data.write_text(line() + "\n")
+    out = tmp_path / "out"
+    proc = run_cli("--input", data, "--output-prefix", out / "ds", "--tokenizer", tokenizers[1],
+                   "--chat-template")
+    assert_failed_cleanly(proc, out, str(tokenizers[1]), "no chat template", "--chat-template")

@@ -8,9 +8,6 @@ floating-point operations), which needs model, optimizer (incl. AdamW's step cou
 RNG and data position all restored.
 """
 
-import os
-import signal
-
 import pytest
 
 from megatron_rift.checkpointing import TRACKER_FILE
@@ -26,7 +23,6 @@ from tests.workers.train_runs import (
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
 STEPS = 6
-KILLED = -signal.SIGKILL  # torchrun reports the worker's signal; accept any non-zero exit
 
 
 @pytest.fixture(scope="module")

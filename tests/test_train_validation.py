@@ -10,6 +10,7 @@ import pytest
 
 from megatron_rift.training.arguments import OBJECTIVES, parse_args
 from megatron_rift.training.validation import DEFAULT_LR, ConfigError, resolve_plan
+from tests.torchrun_utils import REPO
 from tests.workers.train_runs import prepared_assets, start_trainer, wait_trainer
 
 pytestmark = pytest.mark.timeout(600)
@@ -72,7 +73,7 @@ def test_each_bad_configuration_exits_nonzero_with_its_message_on_every_rank(ass
         assert output.count(message) >= 2, f"{name}: expected {message!r} from both ranks:\n" \
                                             f"{output[-3000:]}"
         # torchrun prints its own traceback; the workers must not (a message, not a crash).
-        assert 'File "/work/main/megatron_rift' not in output, f"{name}: worker traceback"
+        assert f'File "{REPO}/megatron_rift' not in output, f"{name}: worker traceback"
         if name != "unknown_objective":  # argparse's message carries no rank
             assert "error (rank 0)" in output and "error (rank 1)" in output, name
         if name != "seq_length":  # that check needs the dataset index, after the heavy imports

@@ -92,8 +92,9 @@ class ChunkEncoder:
     ``workers=1`` encodes in this process. ``workers>1`` starts a "spawn" process pool (no fork
     of a process that may hold torch/OpenMP or Rust thread pools); each worker rebuilds only the
     encoder, once (an HF fast tokenizer travels as its serialized Rust backend, so workers import
-    neither transformers nor torch). Chat templates are rendered in this process. At most ``2 * workers`` chunks are in flight, so memory is
-    bounded by the chunk size, not by the input. Use as a context manager.
+    neither transformers nor torch). Chat templates are rendered in this process. At most
+    ``2 * workers`` chunks are in flight, so memory is bounded by the chunk size, not by the
+    input. Use as a context manager.
     """
 
     def __init__(self, tokenizer: RolloutTokenizer, chat_template: bool, workers: int = 1):

@@ -41,6 +41,11 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SI
     texts = [text for text in texts if text]
     if not texts:
         raise ValueError("no text to train the tokenizer on")
+    # Every character seen is a piece, next to the 256 byte pieces and the 4 specials.
+    minimum = len(set().union(*map(set, texts))) + 256 + 4
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size={vocab_size} is too small for this text: it needs at least "
+                         f"{minimum} (its distinct characters + 256 byte pieces + 4 specials)")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, model_type="bpe",

@@ -108,18 +108,30 @@ def training_state_dict(components, data, iteration: int, run_flags: dict, is_lo
     return state
 
 
+# Folders of a converted checkpoint's root that the HF exporter reads (tools/convert_megatron_to_hf.py).
+ROOT_FOLDERS_TO_CARRY = ("tokenizer", "hf_config")
+
+
 def _write_root_files(save_root: Path, components, model_source: str | None) -> None:
-    """model_config.json (+ tokenizer/) in the checkpoint root, written once by rank 0."""
+    """model_config.json (+ tokenizer/, hf_config/ of the source model) in the checkpoint root,
+    written by rank 0 so the root can be exported like a converted checkpoint."""
     if dist.get_rank() != 0:
         return
     save_root.mkdir(parents=True, exist_ok=True)
-    components.arch.save(save_root)
-    tokenizer = Path(model_source) / "tokenizer" if model_source else None
-    if tokenizer is not None and tokenizer.is_dir() and not (save_root / "tokenizer").exists():
-        tmp = save_root / ".tokenizer.tmp"
+    staging = save_root / ".model_config.tmp"  # written aside, then renamed: never half a file
+    staging.mkdir(exist_ok=True)
+    written = components.arch.save(staging)
+    os.replace(written, save_root / written.name)
+    staging.rmdir()
+    for name in ROOT_FOLDERS_TO_CARRY:
+        source = Path(model_source) / name if model_source else None
+        if source is None or not source.is_dir() or (save_root / name).exists() \
+                or source.resolve() == (save_root / name).resolve():
+            continue
+        tmp = save_root / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(tokenizer, tmp)
-        os.replace(tmp, save_root / "tokenizer")
+        shutil.copytree(source, tmp)
+        os.replace(tmp, save_root / name)
 
 
 def save_training_checkpoint(args, components, data, iteration: int, run_flags: dict,

@@ -29,7 +29,8 @@ def build_release_checkpoint(root: Path) -> None:
     init_distributed(1, 1, seed=7)
     try:
         arch = GPTArchitecture(**TINY_ARCH)
-        model = build_gpt_model(arch, to_transformer_config(arch), use_te=False)
+        # TE layers where they run (GPU sessions), so the checkpoint matches the trainer's layers.
+        model = build_gpt_model(arch, to_transformer_config(arch))
         root.mkdir(parents=True, exist_ok=True)
         arch.save(root)
         save_checkpoint(root, "release", model_sharded_state_dict(model))
