@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Iterable
@@ -23,6 +24,7 @@ from megatron_rift.demo.task import PROMPT_TEMPLATE as DEFAULT_PROMPT_TEMPLATE
 from megatron_rift.rewards import Verifier
 
 BACKENDS = ("auto", "transformers", "vllm")
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -189,12 +191,35 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def check_references(problems: list[GenerationProblem], verifier: Verifier) -> list[str]:
+    """Score each reference answer against itself before spending time on sampling.
+
+    Raises ValueError (naming the problem) when the verifier rejects a reference outright (e.g. a
+    non-integer answer for the ``integer`` verifier); returns the prompt_ids whose reference does not
+    even match itself (every rollout of those would score 0), for the caller to warn about.
+    """
+    unmatched = []
+    for problem in problems:
+        try:
+            reward = verifier.verify(f"\\boxed{{{problem.answer}}}", problem.answer)
+        except ValueError as error:
+            raise ValueError(f"problem {problem.prompt_id!r}: {error}") from None
+        if reward != 1.0:
+            unmatched.append(problem.prompt_id)
+    return unmatched
+
+
 def generate_rollouts(model_dir: str | Path, problems: list[GenerationProblem], verifier: Verifier,
                       config: SamplingConfig | None = None, backend: str = "auto",
                       tokenizer_dir: str | Path | None = None, batch_size: int = 16,
                       device: str = "auto", show_progress: bool = True) -> list[dict]:
     """Sample K responses per problem and score each; returns rollout records, problem-major."""
     config = config or SamplingConfig()
+    unmatched = check_references(problems, verifier)
+    if unmatched:
+        logger.warning("%d reference answer(s) do not verify against themselves with the %r verifier "
+                       "(their rollouts will all score 0), e.g. prompt_id %r", len(unmatched),
+                       verifier.name, unmatched[0])
     prompts = [problem.prompt for problem in problems]
     if resolve_backend(backend) == "vllm":
         samples = sample_with_vllm(model_dir, prompts, config, tokenizer_dir)

@@ -131,6 +131,15 @@ def test_read_generation_problems(tmp_path):
     assert (second.prompt, second.prompt_id, second.question) == ("RAW PROMPT", "raw", None)
 
 
+def test_check_references():
+    from megatron_rift.generation import GenerationProblem, check_references
+
+    problems = [GenerationProblem("a", "Q", "12"), GenerationProblem("b", "Q", "")]
+    assert check_references(problems, get_verifier("math")) == ["b"]  # empty: every rollout scores 0
+    with pytest.raises(ValueError, match="problem 'c': .*not an integer"):
+        check_references(problems[:1] + [GenerationProblem("c", "Q", "0.5")], get_verifier("integer"))
+
+
 @pytest.mark.parametrize("bad_line, message", [
     ("not json", "not valid JSON"),
     (json.dumps({"answer": "1"}), "'prompt' or 'question'"),

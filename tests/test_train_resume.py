@@ -65,7 +65,8 @@ def test_killed_during_save_resumes_from_previous_checkpoint_bitwise(base, asset
     _, output = run_trainer(run_dir / "resume", 1, [*args, "--log-file", str(metrics)])
     assert "resumed from" in output and "iter_0000002" in output
     resumed = read_metrics(metrics)
-    assert sorted(resumed) == list(range(1, STEPS + 1))  # steps 3-4 were rewritten, not doubled
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert len(metrics.read_text().splitlines()) == STEPS  # steps 3-4 were rewritten, not doubled
     for step in range(1, STEPS + 1):
         assert resumed[step]["loss"] == reference[step]["loss"], step
         assert resumed[step]["grad_norm"] == reference[step]["grad_norm"], step

@@ -1,7 +1,9 @@
 """Bad configurations fail fast, with one clear message, on every rank; defaults follow the paper.
 
-Each bad configuration is launched under torchrun with 2 processes (all launched at once); every
-rank must exit non-zero and print the message, well before any collective could hang.
+Each bad configuration is started as 2 ranks with torchrun's environment but no launcher (so no rank
+is killed because another one failed, and each rank's own verdict shows); every rank must exit with
+status 2 and print the message. A rank that went on to initialize torch.distributed would wait for
+the other forever: the timeout catches that. One configuration also runs under torchrun itself.
 """
 
 import time
@@ -10,8 +12,13 @@ import pytest
 
 from megatron_rift.training.arguments import OBJECTIVES, parse_args
 from megatron_rift.training.validation import DEFAULT_LR, ConfigError, resolve_plan
-from tests.torchrun_utils import REPO
-from tests.workers.train_runs import prepared_assets, start_trainer, wait_trainer
+from tests.workers.train_runs import (
+    prepared_assets,
+    start_ranks_without_launcher,
+    start_trainer,
+    wait_ranks,
+    wait_trainer,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -48,6 +55,9 @@ def bad_configurations(assets):
         ("unknown_objective", ["--objective", "dpo"], "invalid choice: 'dpo'"),
         ("missing_load", ["--load", "/nonexistent/ckpt"], "--load /nonexistent/ckpt does not exist"),
         ("seq_length", ["--seq-length", "8"], "--seq-length 8 is shorter than rollout"),
+        ("vocab_padding", ["--load", assets["release_vocab100"], "--tensor-model-parallel-size",
+                           "2"],
+         "the embedding has 128 rows"),
     ]
     if not _te_and_gpu():
         cases.append(("fp8_without_te", ["--fp8-format", "hybrid", "--bf16"],
@@ -60,26 +70,30 @@ def test_each_bad_configuration_exits_nonzero_with_its_message_on_every_rank(ass
     valid = ["--data-path", assets["data"], "--num-layers", "2", "--hidden-size", "64",
              "--num-attention-heads", "4", "--micro-batch-size", "1", "--global-batch-size", "8",
              "--train-iters", "1"]
+    cases = bad_configurations(assets)
+    launched = [(name, tmp_path / name, start_ranks_without_launcher(tmp_path / name, 2,
+                                                                     [*valid, *flags]))
+                for name, flags, _ in cases]
+    results = {name: wait_ranks(procs, run_dir, timeout=300) for name, run_dir, procs in launched}
+    for name, _, message in cases:
+        for rank, (code, output) in enumerate(results[name]):
+            assert code == 2, f"{name}, rank {rank}: exit {code}\n{output[-3000:]}"
+            assert message in output, f"{name}, rank {rank}: no {message!r}:\n{output[-3000:]}"
+            assert "Traceback" not in output, f"{name}, rank {rank}: a traceback, not a message"
+            if name != "unknown_objective":  # argparse's message carries no rank
+                assert f"error (rank {rank})" in output, name
+            if name not in ("seq_length", "vocab_padding"):  # checked after the heavy imports
+                assert "megatron.core" not in output, name
+
+
+def test_bad_configuration_under_torchrun_fails_the_launch(assets, tmp_path):
     started = time.monotonic()
-    launched = []
-    for name, flags, _ in bad_configurations(assets):
-        run_dir = tmp_path / name
-        launched.append((name, run_dir, start_trainer(run_dir, 2, [*valid, *flags])))
-    results = {name: wait_trainer(proc, run_dir, timeout=300) for name, run_dir, proc in launched}
-    total = time.monotonic() - started
-    for name, _, message in bad_configurations(assets):
-        code, output, seconds = results[name]
-        assert code != 0, f"{name}: exit 0\n{output[-3000:]}"
-        assert output.count(message) >= 2, f"{name}: expected {message!r} from both ranks:\n" \
-                                            f"{output[-3000:]}"
-        # torchrun prints its own traceback; the workers must not (a message, not a crash).
-        assert f'File "{REPO}/megatron_rift' not in output, f"{name}: worker traceback"
-        if name != "unknown_objective":  # argparse's message carries no rank
-            assert "error (rank 0)" in output and "error (rank 1)" in output, name
-        if name != "seq_length":  # that check needs the dataset index, after the heavy imports
-            assert "megatron.core" not in output, name
-    # All nine launched together on 2 shared cores; none trained or hung.
-    assert total < 300
+    proc = start_trainer(tmp_path, 2, ["--data-path", assets["data"],
+                                       "--tensor-model-parallel-size", "4"])
+    code, output, _ = wait_trainer(proc, tmp_path, timeout=300)
+    assert code != 0
+    assert "world size 2 is not divisible by tensor-model-parallel-size 4" in output
+    assert time.monotonic() - started < 300
 
 
 def test_validation_messages_name_the_flag_and_fix_in_process(assets):
@@ -125,3 +139,33 @@ def test_cli_dispatches_train(capsys):
     assert "--objective" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["no-such-command"])
+
+
+def test_start_points_follow_the_checkpoint_trackers(assets, tmp_path):
+    """release -> fine-tune at step 0; a trainer tracker -> resume; nothing -> the pretrained model."""
+    import shutil
+
+    release = assets["release"]
+    plan = resolve_plan(parse_args(["--data-path", assets["data"], "--load", release,
+                                    "--global-batch-size", "8"]), world_size=1)
+    assert (plan.start, plan.start_iteration) == ("finetune", "release")
+    assert plan.arch_fields["num_query_groups"] == 2  # from the checkpoint's model_config.json
+
+    empty = tmp_path / "run"
+    plan = resolve_plan(parse_args(["--data-path", assets["data"], "--load", str(empty),
+                                    "--save", str(empty), "--pretrained-checkpoint", release,
+                                    "--global-batch-size", "8"]), world_size=1)
+    assert (plan.start, plan.start_dir) == ("finetune", release)
+
+    trainer_root = tmp_path / "trained"
+    (trainer_root / "iter_0000003").mkdir(parents=True)
+    shutil.copy(f"{release}/model_config.json", trainer_root)
+    (trainer_root / "latest_checkpointed_iteration.txt").write_text("3")
+    plan = resolve_plan(parse_args(["--data-path", assets["data"], "--load", str(trainer_root),
+                                    "--pretrained-checkpoint", release,
+                                    "--global-batch-size", "8"]), world_size=1)
+    assert (plan.start, plan.start_iteration) == ("resume", 3)
+
+    with pytest.raises(ConfigError, match="contradict the checkpoint"):
+        resolve_plan(parse_args(["--data-path", assets["data"], "--load", release,
+                                 "--num-layers", "3", "--global-batch-size", "8"]), world_size=1)

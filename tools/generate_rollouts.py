@@ -10,12 +10,14 @@ finish_reason, num_response_tokens (and question when given).
 """
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
 
-from megatron_rift.generation import (BACKENDS, DEFAULT_PROMPT_TEMPLATE, ProblemsInputError,
-                                      SamplingConfig, generate_rollouts, read_generation_problems,
+from megatron_rift.generation import (BACKENDS, DEFAULT_PROMPT_TEMPLATE,
+                                      SamplingConfig, check_references, generate_rollouts,
+                                      read_generation_problems,
                                       write_jsonl)
 from megatron_rift.rewards import available_verifiers, get_verifier
 
@@ -46,6 +48,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         config = SamplingConfig(num_samples=args.num_samples, temperature=args.temperature,
                                 top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
@@ -56,10 +59,16 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     problems = problems[:args.limit] if args.limit else problems
+    verifier = get_verifier(args.verifier)
+    try:
+        check_references(problems, verifier)
+    except ValueError as error:
+        print(f"error: {args.problems}: {error}", file=sys.stderr)
+        return 1
     start = time.time()
-    records = generate_rollouts(args.model, problems, get_verifier(args.verifier), config,
-                                backend=args.backend, tokenizer_dir=args.tokenizer,
-                                batch_size=args.batch_size, device=args.device)
+    records = generate_rollouts(args.model, problems, verifier, config, backend=args.backend,
+                                tokenizer_dir=args.tokenizer, batch_size=args.batch_size,
+                                device=args.device)
     write_jsonl(records, args.output)
     correct = sum(record["correct"] for record in records)
     print(f"wrote {len(records)} rollouts for {len(problems)} problems to {args.output} "

@@ -144,6 +144,36 @@ def save_training_checkpoint(args, components, data, iteration: int, run_flags: 
                            before_publish=lambda _tmp: maybe_kill_for_test("save", iteration))
 
 
+def _start_folder(plan) -> Path | None:
+    if plan.start == "scratch":
+        return None
+    return Path(plan.start_dir) / iteration_dir_name(plan.start_iteration)
+
+
+def check_vocab_padding(plan, arch) -> None:
+    """Fail before any collective when the checkpoint's embedding rows (the vocabulary padded for
+    the TP size it was written at) differ from this run's padding: a TP that cannot load it."""
+    folder = _start_folder(plan)
+    if folder is None or not (folder / ".metadata").is_file():
+        return
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    entry = metadata.get("embedding.word_embeddings.weight") or metadata.get("output_layer.weight")
+    size = getattr(entry, "size", None)
+    if size is None:
+        return
+    rows, wanted = int(size[0]), arch.padded_vocab_size(plan.tensor_parallel)
+    if rows != wanted:
+        raise ConfigError(
+            f"{folder}: the embedding has {rows} rows (vocabulary {arch.vocab_size} padded for the "
+            f"tensor-parallel size it was written at), but at --tensor-model-parallel-size "
+            f"{plan.tensor_parallel} Megatron pads it to {wanted} rows (a multiple of "
+            f"{arch.make_vocab_size_divisible_by} x {plan.tensor_parallel}). Convert the model at "
+            "this TP (tools/convert_hf_to_megatron.py --tensor-model-parallel-size) or use a TP "
+            "with the same padding")
+
+
 def load_start_state(args, plan, components, data, log) -> int:
     """Apply the plan's start point; return the iteration training continues after."""
     if plan.start == "scratch":
@@ -185,7 +215,11 @@ def _resume(args, components, data, folder: Path, log) -> int:
             components.optimizer.load_state_dict(loaded["optimizer"])
         dist_optimizer_fixes.unshare_step_states(components.optimizer)
         components.scheduler.load_state_dict(loaded["opt_param_scheduler"])
-    data.load_state_dict(loaded["data_sampler"])
+    try:
+        data.load_state_dict(loaded["data_sampler"])
+    except ValueError as err:  # e.g. another --global-batch-size or --seed than the saved run
+        raise ConfigError(f"{folder}: {err}. To train on with other data settings, start a new "
+                          "run from these weights with --finetune") from err
     if with_rng:
         _set_rng_state(loaded["rng_state"])
     # The DDP wrapper keeps its own view of the parameters (and the distributed optimizer its

@@ -24,6 +24,21 @@ def default_seq_length(dataset: RewardDataset) -> int:
     return -(-longest // SEQ_LENGTH_MULTIPLE) * SEQ_LENGTH_MULTIPLE
 
 
+def resolve_seq_length(args: argparse.Namespace) -> int:
+    """--seq-length, or the longest rollout rounded up; ConfigError if a rollout does not fit.
+    Reads only the dataset index, so every rank can run it before any process group exists."""
+    dataset = RewardDataset(args.data_path)
+    seq_length = args.seq_length or default_seq_length(dataset)
+    longest = int(np.max(dataset.lengths))
+    if longest > seq_length:
+        where = int(np.argmax(dataset.lengths))
+        raise ConfigError(
+            f"--seq-length {seq_length} is shorter than rollout {where} of {args.data_path} "
+            f"({longest} tokens); raise --seq-length to at least {longest} or re-pack with "
+            f"--max-seq-length {seq_length}")
+    return seq_length
+
+
 class TrainingData:
     """Hands out one optimizer step's micro-batches at a time; its position is checkpointable.
 
@@ -32,16 +47,10 @@ class TrainingData:
     the number of non-padding tokens in the whole global batch (all data-parallel ranks).
     """
 
-    def __init__(self, args: argparse.Namespace, dp_rank: int, dp_size: int, use_te: bool):
+    def __init__(self, args: argparse.Namespace, seq_length: int, dp_rank: int, dp_size: int,
+                 use_te: bool):
         self.dataset = RewardDataset(args.data_path)
-        self.seq_length = args.seq_length or default_seq_length(self.dataset)
-        longest = int(np.max(self.dataset.lengths))
-        if longest > self.seq_length:
-            where = int(np.argmax(self.dataset.lengths))
-            raise ConfigError(
-                f"--seq-length {self.seq_length} is shorter than rollout {where} of "
-                f"{args.data_path} ({longest} tokens); raise --seq-length to at least {longest} "
-                f"or re-pack with --max-seq-length {self.seq_length}")
+        self.seq_length = seq_length
         self.micro_batch_size = args.micro_batch_size
         self.pack = args.sequence_packing
         # Packed rows need block-causal attention: an explicit mask for the local (SDPA) spec;

@@ -12,14 +12,16 @@ from megatron.core.num_microbatches_calculator import (
     init_num_microbatches_calculator,
 )
 
+from megatron_rift.model import GPTArchitecture
 from megatron_rift.parallel import destroy_distributed, init_distributed
 from megatron_rift.training.checkpoint_state import (
+    check_vocab_padding,
     load_start_state,
     maybe_kill_for_test,
     run_flags_record,
     save_training_checkpoint,
 )
-from megatron_rift.training.data import TrainingData
+from megatron_rift.training.data import TrainingData, resolve_seq_length
 from megatron_rift.training.logging import MetricsLogger
 from megatron_rift.training.setup import resolve_use_te, setup_training
 from megatron_rift.training.step import make_forward_step, train_step
@@ -35,20 +37,23 @@ def _should_save(args, iteration: int, train_iters: int) -> bool:
 def run_training(args, plan: RunPlan) -> dict:
     """Train per ``args``/``plan`` (a process group per torchrun's environment). Returns the last
     step's record on rank 0 (an empty dict elsewhere, or when nothing was left to train)."""
+    # Still before any process group (every rank alike): a rollout longer than --seq-length, or a
+    # checkpoint this TP cannot load, ends the run with a message instead of a hang.
+    seq_length = resolve_seq_length(args)
+    check_vocab_padding(plan, GPTArchitecture(**plan.arch_fields))
     init_distributed(plan.tensor_parallel, plan.pipeline_parallel, args.seed)
     try:
-        return _train(args, plan)
+        return _train(args, plan, seq_length)
     finally:
         destroy_num_microbatches_calculator()
         destroy_distributed()
 
 
-def _train(args, plan: RunPlan) -> dict:
+def _train(args, plan: RunPlan, seq_length: int) -> dict:
     rank = dist.get_rank()
     init_num_microbatches_calculator(rank, None, args.global_batch_size, args.micro_batch_size,
                                      parallel_state.get_data_parallel_world_size())
-    # The data first: a rollout longer than --seq-length is a ConfigError on every rank alike.
-    data = TrainingData(args, parallel_state.get_data_parallel_rank(),
+    data = TrainingData(args, seq_length, parallel_state.get_data_parallel_rank(),
                         parallel_state.get_data_parallel_world_size(), resolve_use_te(args))
     components = setup_training(args, plan)
     is_logger = rank == 0
@@ -66,6 +71,9 @@ def _train(args, plan: RunPlan) -> dict:
                                      components.use_te)
     model_source = plan.start_dir
     record: dict = {}
+    if start_iteration >= plan.train_iters:
+        log(f"nothing left to train: the checkpoint is at step {start_iteration} of "
+            f"{plan.train_iters}")
     try:
         for iteration in range(start_iteration + 1, plan.train_iters + 1):
             started = time.perf_counter()

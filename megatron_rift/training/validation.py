@@ -178,9 +178,9 @@ def _check_precision(args) -> None:
 
 def _check_outputs(args) -> None:
     if args.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
-        _fail("--tensorboard-dir needs the tensorboard package (pip install tensorboard)")
+        _fail("--tensorboard-dir needs the tensorboard package (pip install tensorboard, or megatron-rift[monitor])")
     if args.wandb_project and importlib.util.find_spec("wandb") is None:
-        _fail("--wandb-project needs the wandb package (pip install wandb)")
+        _fail("--wandb-project needs the wandb package (pip install wandb, or megatron-rift[monitor])")
     if args.save_interval is not None and args.save_interval < 1:
         _fail(f"--save-interval must be at least 1, got {args.save_interval}")
     if args.save_interval is not None and not args.save:

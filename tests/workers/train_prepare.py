@@ -21,14 +21,14 @@ TINY_ARCH = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_
                  ffn_hidden_size=128, vocab_size=512, max_position_embeddings=128)
 
 
-def build_release_checkpoint(root: Path) -> None:
+def build_release_checkpoint(root: Path, **overrides) -> None:
     from megatron_rift.checkpointing import model_sharded_state_dict, save_checkpoint
     from megatron_rift.model import GPTArchitecture, build_gpt_model, to_transformer_config
     from megatron_rift.parallel import destroy_distributed, init_distributed
 
     init_distributed(1, 1, seed=7)
     try:
-        arch = GPTArchitecture(**TINY_ARCH)
+        arch = GPTArchitecture(**{**TINY_ARCH, **overrides})
         # TE layers where they run (GPU sessions), so the checkpoint matches the trainer's layers.
         model = build_gpt_model(arch, to_transformer_config(arch))
         root.mkdir(parents=True, exist_ok=True)
@@ -42,7 +42,10 @@ def main(out: str) -> None:
     out = Path(out)
     prefix = build_rollout_dataset(out / "data", num_problems=12, rollouts_per_problem=4)
     build_release_checkpoint(out / "release_model")
-    print(json.dumps({"data": prefix, "release": str(out / "release_model")}))
+    # Vocabulary 100 pads to 128 rows at TP=1 but 256 at TP=2: a TP this checkpoint cannot load.
+    build_release_checkpoint(out / "release_vocab100", vocab_size=100)
+    print(json.dumps({"data": prefix, "release": str(out / "release_model"),
+                      "release_vocab100": str(out / "release_vocab100")}))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,45 @@ def start_trainer(run_dir: Path, nproc: int, args: list[str], env: dict | None =
                             cwd=str(REPO), start_new_session=True)
 
 
+def start_ranks_without_launcher(run_dir: Path, nproc: int, args: list[str]) -> list:
+    """Start ``nproc`` independent trainer processes with torchrun's environment (RANK,
+    WORLD_SIZE, MASTER_ADDR/PORT). Unlike torchrun, nothing kills the others when one exits, so
+    each rank's own verdict is observable; a rank that wrongly went on to init_process_group would
+    wait for the others forever and hit the timeout."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    port = str(free_port())
+    procs = []
+    for rank in range(nproc):
+        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        output = open(run_dir / f"rank{rank}.txt", "w")
+        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_rift.train", *args],
+                                      stdout=output, stderr=subprocess.STDOUT, env=_env(env),
+                                      cwd=str(REPO), start_new_session=True))
+    return procs
+
+
+def wait_ranks(procs: list, run_dir: Path, timeout: float = RUN_TIMEOUT) -> list[tuple[int, str]]:
+    """[(exit code, output)] per rank; kills every rank's session afterwards."""
+    deadline = time.monotonic() + timeout
+    results = []
+    for rank, proc in enumerate(procs):
+        try:
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            code = None
+        results.append((code, (run_dir / f"rank{rank}.txt").read_text()))
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for rank, (code, output) in enumerate(results):
+        if code is None:
+            raise AssertionError(f"rank {rank} did not exit within {timeout} s:\n{output[-4000:]}")
+    return results
+
+
 def wait_trainer(proc: subprocess.Popen, run_dir: Path, timeout: float = RUN_TIMEOUT
                  ) -> tuple[int, str, float]:
     """(exit code, output, seconds); kills the run's whole session on timeout and afterwards."""
