@@ -35,16 +35,17 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
     if not on_gpu:
         enable_cpu_compat()
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        kwargs = {}
+        if "MASTER_ADDR" not in os.environ:
+            # A plain `python` launch: a world of one on a free port, passed explicitly rather than
+            # written into os.environ, where child processes would inherit a port that is in use.
+            kwargs = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         dist.init_process_group(
             backend="nccl" if on_gpu else "gloo",
             timeout=datetime.timedelta(minutes=timeout_minutes),
+            **kwargs,
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(

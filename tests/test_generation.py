@@ -20,6 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_NEW = 24
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # A tiny model gains nothing from threads, and on a busy 2-core machine OpenMP threads spinning
+    # against other processes made generate() 50x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random LlamaForCausalLM with the demo tokenizer saved beside it."""
@@ -160,7 +170,8 @@ def test_cli_output_equals_the_library_and_rejects_bad_input(model_dir, tmp_path
          "--problems", str(model_dir.parent / "problems.jsonl"), "--output", str(output),
          "--num-samples", "3", "--max-new-tokens", "12", "--seed", "5", "--batch-size", "2",
          "--backend", "transformers", "--limit", "3"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in output.read_text().splitlines()]
     config = SamplingConfig(num_samples=3, max_new_tokens=12, seed=5)

@@ -43,6 +43,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE,
                         help="used for records with 'question' but no 'prompt' (default: %(default)r)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 is best for tiny models on a busy machine)")
     return parser.parse_args(argv)
 
 
@@ -65,6 +67,10 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"error: {args.problems}: {error}", file=sys.stderr)
         return 1
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     start = time.time()
     records = generate_rollouts(args.model, problems, verifier, config, backend=args.backend,
                                 tokenizer_dir=args.tokenizer, batch_size=args.batch_size,

@@ -20,12 +20,17 @@ from megatron_rift.demo.task import Problem, write_problems_jsonl
 REPO = Path(__file__).resolve().parents[2]
 
 
+_LAUNCHER_VARIABLES = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                       "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"}
+
+
 class StageError(RuntimeError):
     """A stage's subprocess failed; the message holds its command and the tail of its output."""
 
 
 def _run(cmd: list[str], log_path: Path, what: str) -> None:
-    env = dict(os.environ)
+    # Each stage is a launch of its own: no rendezvous settings leak in from the caller.
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     log_path.parent.mkdir(parents=True, exist_ok=True)

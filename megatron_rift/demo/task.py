@@ -59,11 +59,11 @@ class Difficulty:
     max_value: int
 
 
-IN_DISTRIBUTION = Difficulty(min_steps=2, max_steps=4, start_low=10, start_high=99, operand_low=2,
-                             operand_high=9, max_value=299)
+IN_DISTRIBUTION = Difficulty(min_steps=2, max_steps=3, start_low=10, start_high=99, operand_low=2,
+                             operand_high=9, max_value=199)
 # Harder by construction: more operations and larger intermediate values.
-OUT_OF_DISTRIBUTION = Difficulty(min_steps=5, max_steps=6, start_low=10, start_high=99, operand_low=2,
-                                 operand_high=9, max_value=599)
+OUT_OF_DISTRIBUTION = Difficulty(min_steps=4, max_steps=5, start_low=10, start_high=99, operand_low=2,
+                                 operand_high=9, max_value=399)
 DEFAULT_SIZES = {"base": 20000, "train": 500, "val": 200, "test": 500, "ood": 500}
 # Share of base problems drawn with the OOD shape: the base model has seen a few such problems.
 DEFAULT_BASE_OOD_FRACTION = 0.1

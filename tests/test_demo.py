@@ -1,0 +1,116 @@
+"""The end-to-end demo: a miniature of the whole pipeline through the real tools, and --problems."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from megatron_rift.demo.task import generate_splits
+from tests.torchrun_utils import REPO
+
+K = 4
+
+
+def _demo(args, tmp_path, timeout=900):
+    cmd = [sys.executable, "-m", "megatron_rift.cli", "demo", "--miniature",
+           "--samples-per-problem", str(K), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_miniature_pipeline_writes_consistent_results(tmp_path):
+    out = tmp_path / "demo"
+    proc = _demo(["--output-dir", str(out), "--methods", "rft,rift,naive"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    seed = out / "seed0"
+
+    # Rollouts: K per train problem, each reward equal to an independent check of its final answer.
+    problems = {p["prompt_id"]: p for p in _read_jsonl(seed / "problems" / "train.jsonl")}
+    rollouts = _read_jsonl(seed / "rollouts" / "train.jsonl")
+    assert len(rollouts) == K * len(problems)
+    for r in rollouts:
+        boxed = r["response"].rsplit("\\boxed{", 1)
+        answer = boxed[1].split("}", 1)[0].strip() if len(boxed) == 2 else None
+        assert r["correct"] == (answer == problems[r["prompt_id"]]["answer"]), r
+
+    # The packed RIFT dataset's statistics match the rollouts file (empty responses are dropped).
+    stats = json.loads((seed / "data" / "rollouts.json").read_text())
+    trainable = [r for r in rollouts if r["response"].strip()]
+    assert stats["rollouts"] == len(trainable)
+    assert stats["positive"] == sum(r["correct"] for r in trainable)
+
+    # Scores: every evaluated method on both splits, in range, Pass@K >= Mean@K; they equal the
+    # scores recomputed here from the scored generations.
+    results = json.loads((out / "results.json").read_text())
+    methods = results["methods"]
+    expected = {"base", "rift", "naive"} | ({"rft"} if stats["positive"] else set())
+    assert set(methods) == expected
+    for method, splits in methods.items():
+        assert set(splits) == {"test", "ood"}
+        for split, score in splits.items():
+            assert 0 <= score[f"mean@{K}"] <= score[f"pass@{K}"] <= 100
+            folder = seed / ("base" if method == "base" else f"methods/{method}") / "eval"
+            gens = _read_jsonl(folder / f"{split}.jsonl")
+            by_problem = {}
+            for g in gens:
+                by_problem.setdefault(g["prompt_id"], []).append(bool(g["correct"]))
+            mean = 100 * sum(sum(v) / len(v) for v in by_problem.values()) / len(by_problem)
+            assert score[f"mean@{K}"] == pytest.approx(mean, abs=0.01)
+    if "rft" not in methods:
+        assert "rft" in results["per_seed"][0]["skipped"]
+
+    table = (out / "results.md").read_text()
+    assert table.count("\n") == len(methods) + 2 and "| rift |" in table
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Each fine-tuning run logged its losses; RIFT's are non-negative by construction.
+    rift_losses = [json.loads(line)["loss"] for line in
+                   (seed / "methods" / "rift" / "metrics.jsonl").read_text().splitlines()]
+    assert rift_losses and min(rift_losses) >= 0
+
+
+def _user_records():
+    splits = generate_splits(seed=3, sizes={"base": 0, "train": 160, "val": 4, "test": 6, "ood": 6})
+    records = []
+    for split in ("train", "test", "ood"):
+        for p in splits[split]:
+            record = {"question": p.question, "answer": p.answer, "split": split}
+            if split == "train":
+                record["solution"] = p.solution.strip()
+            records.append(record)
+    return records
+
+
+@pytest.mark.slow
+def test_problems_file_runs_the_same_pipeline(tmp_path):
+    problems = tmp_path / "mine.jsonl"
+    records = _user_records()
+    problems.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = tmp_path / "demo"
+    proc = _demo(["--output-dir", str(out), "--problems", str(problems), "--methods", "rift"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    seed = out / "seed0"
+    # Half of the train problems with a solution pretrain the base, the rest are post-training.
+    base = _read_jsonl(seed / "problems" / "base.jsonl")
+    train = _read_jsonl(seed / "problems" / "train.jsonl")
+    assert len(base) == 80 and len(train) == 80
+    assert {p["question"] for p in base}.isdisjoint(p["question"] for p in train)
+    assert {p["question"] for p in _read_jsonl(seed / "problems" / "test.jsonl")} == \
+        {r["question"] for r in records if r["split"] == "test"}
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    assert set(methods) == {"base", "rift"}
+
+
+def test_problems_file_bad_record_names_the_line(tmp_path):
+    problems = tmp_path / "bad.jsonl"
+    good = {"question": "What is 2+2?", "answer": "4", "split": "train", "solution": "2+2=4. \\boxed{4}"}
+    problems.write_text(json.dumps(good) + "\n" + json.dumps({"question": "3+3?", "split": "test"}) + "\n")
+    proc = _demo(["--output-dir", str(tmp_path / "out"), "--problems", str(problems)], tmp_path,
+                 timeout=120)
+    assert proc.returncode == 2
+    assert f"{problems}:2" in proc.stderr and "answer" in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing written before the input is known good
