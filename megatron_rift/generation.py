@@ -103,7 +103,8 @@ def read_generation_problems(path: str | Path,
 def _progress(total: int, description: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=description, unit="problem", disable=os.environ.get("TQDM_DISABLE") == "1")
+    return tqdm(total=total, desc=description, unit="problem",
+                disable=os.environ.get("TQDM_DISABLE") == "1")
 
 
 def sample_with_transformers(model_dir: str | Path, prompts: list[str], config: SamplingConfig,
@@ -127,10 +128,11 @@ def sample_with_transformers(model_dir: str | Path, prompts: list[str], config: 
                          "generation could not stop")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    stop_ids = _stop_token_ids(model, tokenizer)
     generation_config = GenerationConfig(
         do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0,
         max_new_tokens=config.max_new_tokens, num_return_sequences=config.num_samples,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
+        eos_token_id=stop_ids, pad_token_id=pad_id)
     results: list[list[SampledResponse]] = []
     progress = _progress(len(prompts), "sampling") if show_progress else None
     for batch_index, start in enumerate(range(0, len(prompts), batch_size)):
@@ -143,7 +145,7 @@ def sample_with_transformers(model_dir: str | Path, prompts: list[str], config: 
         new_tokens = output[:, encoded["input_ids"].shape[1]:].tolist()
         for prompt_index in range(len(batch)):
             samples = new_tokens[prompt_index * config.num_samples:(prompt_index + 1) * config.num_samples]
-            results.append([_decode_sample(tokenizer, tokens) for tokens in samples])
+            results.append([_decode_sample(tokenizer, tokens, stop_ids) for tokens in samples])
         if progress is not None:
             progress.update(len(batch))
     if progress is not None:
@@ -151,12 +153,21 @@ def sample_with_transformers(model_dir: str | Path, prompts: list[str], config: 
     return results
 
 
-def _decode_sample(tokenizer, tokens: list[int]) -> SampledResponse:
-    eos = tokenizer.eos_token_id
-    if eos in tokens:
-        tokens, reason = tokens[:tokens.index(eos)], "eos"
-    else:
+def _stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's eos plus any the model's generation config names (chat models have several)."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return [tokenizer.eos_token_id] + sorted({i for i in configured if i is not None}
+                                             - {tokenizer.eos_token_id})
+
+
+def _decode_sample(tokenizer, tokens: list[int], stop_ids: list[int]) -> SampledResponse:
+    """Cut at the first stop token (which the response does not include) and decode."""
+    stop = next((index for index, token in enumerate(tokens) if token in stop_ids), None)
+    if stop is None:
         reason = "length"
+    else:
+        tokens, reason = tokens[:stop], "eos"
     return SampledResponse(tokenizer.decode(tokens, skip_special_tokens=True), reason, len(tokens))
 
 

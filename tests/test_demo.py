@@ -1,6 +1,7 @@
 """The end-to-end demo: a miniature of the whole pipeline through the real tools, and --problems."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,13 @@ def _demo(args, tmp_path, timeout=900):
     cmd = [sys.executable, "-m", "megatron_rift.cli", "demo", "--miniature",
            "--samples-per-problem", str(K), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+
+
+def _same_number(answer, reference):
+    try:
+        return float(answer.replace(",", "")) == float(reference)
+    except (AttributeError, ValueError):
+        return False
 
 
 def _read_jsonl(path):
@@ -34,9 +42,12 @@ def test_miniature_pipeline_writes_consistent_results(tmp_path):
     rollouts = _read_jsonl(seed / "rollouts" / "train.jsonl")
     assert len(rollouts) == K * len(problems)
     for r in rollouts:
+        # The math verifier's rule, re-implemented: the last \boxed{...}, else the last number.
         boxed = r["response"].rsplit("\\boxed{", 1)
-        answer = boxed[1].split("}", 1)[0].strip() if len(boxed) == 2 else None
-        assert r["correct"] == (answer == problems[r["prompt_id"]]["answer"]), r
+        numbers = re.findall(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?", r["response"])
+        answer = (boxed[1].split("}", 1)[0].strip() if len(boxed) == 2
+                  else (numbers[-1] if numbers else None))
+        assert r["correct"] == _same_number(answer, problems[r["prompt_id"]]["answer"]), r
 
     # The packed RIFT dataset's statistics match the rollouts file (empty responses are dropped).
     stats = json.loads((seed / "data" / "rollouts.json").read_text())

@@ -113,7 +113,7 @@ def test_left_padded_batches_match_unpadded_greedy_decoding(model_dir):
         with torch.no_grad():
             greedy = model.generate(ids, do_sample=False, max_new_tokens=MAX_NEW,
                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
-        expected = _decode_sample(tokenizer, greedy[0, ids.shape[1]:].tolist()).text
+        expected = _decode_sample(tokenizer, greedy[0, ids.shape[1]:].tolist(), [2]).text
         assert rollouts[index * 4]["response"] == expected
 
 
@@ -122,10 +122,14 @@ def test_decode_stops_at_eos(model_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = tokenizer.encode(" 12+3=15. \\boxed{15}")
-    stopped = _decode_sample(tokenizer, ids + [tokenizer.eos_token_id] + ids + [0, 0])
+    eos = tokenizer.eos_token_id
+    stopped = _decode_sample(tokenizer, ids + [eos] + ids + [0, 0], [eos])
     assert (stopped.text, stopped.finish_reason, stopped.num_tokens) == \
         (" 12+3=15. \\boxed{15}", "eos", len(ids))
-    assert _decode_sample(tokenizer, ids).finish_reason == "length"
+    assert _decode_sample(tokenizer, ids, [eos]).finish_reason == "length"
+    # A second stop id (chat models name several in their generation config) stops too.
+    other = _decode_sample(tokenizer, ids[:3] + [7] + ids, [eos, 7])
+    assert (other.finish_reason, other.num_tokens) == ("eos", 3)
 
 
 def test_read_generation_problems(tmp_path):

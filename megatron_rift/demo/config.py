@@ -32,11 +32,11 @@ class DemoConfig:
     output_dir: str
     seed: int = 0
     # Task sizes (problems per split).
-    base_problems: int = 6000
-    train_problems: int = 256
+    base_problems: int = 20000
+    train_problems: int = 128
     val_problems: int = 64
-    test_problems: int = 128
-    ood_problems: int = 128
+    test_problems: int = 100
+    ood_problems: int = 100
     problems_file: str | None = None  # a user's problems instead of the built-in task
     # Rollouts and evaluation.
     samples_per_problem: int = 8  # K
@@ -55,9 +55,12 @@ class DemoConfig:
     seq_length: int = 160
     # Base pretraining: to convergence with cosine decay (a partly competent base because the task
     # is hard for it, not because it was stopped early).
-    base_epochs: float = 2.0
-    base_lr: float = 2e-3
-    base_global_batch: int = 64
+    # Competence appears abruptly after ~1000-1500 optimizer steps at batch 16 (measured with a
+    # plain-PyTorch proxy of this model: 14% ID accuracy at 1000 steps, 65% at 1500), so the base
+    # takes many small steps: 1.2 epochs of 20k problems at batch 16 = 1500 steps.
+    base_epochs: float = 1.2
+    base_lr: float = 3e-3
+    base_global_batch: int = 16
     # Fine-tuning, the paper's recipe scaled down: AdamW, cosine, 5% warmup, global batch 64, 3 epochs.
     finetune_epochs: float = 3.0
     finetune_global_batch: int = 64

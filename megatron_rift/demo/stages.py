@@ -85,7 +85,8 @@ def architecture_flags(cfg: DemoConfig) -> list[str]:
             "--num-attention-heads", str(cfg.num_attention_heads),
             "--num-query-groups", str(cfg.num_query_groups),
             "--ffn-hidden-size", str(cfg.ffn_hidden_size),
-            "--max-position-embeddings", str(cfg.seq_length)]
+            # Generation runs past the training length (prompt + max_new_tokens).
+            "--max-position-embeddings", str(cfg.seq_length + cfg.max_new_tokens)]
 
 
 def train(cfg: DemoConfig, data_prefix: Path, save: Path, objective: str, lr: float,

@@ -2,19 +2,19 @@
 
 A problem is a start value and a chain of operations told in words::
 
-    Q: Tom has 37 apples. Tom buys 48 more. Tom loses 19. Tom doubles them. How many apples does Tom have now?
+    Q: Tom has 47 apples. Tom gets 6 more. Tom sells 3. Tom doubles them. How many apples does Tom have now?
     A:
 
 Two solution styles end in the same ``\\boxed{answer}``:
 
 * **model style** (what the demo's base model is pretrained on, hence what its rollouts look like)::
 
-      37+48=85. 85-19=66. 66*2=132. \\boxed{132}
+      47+6=53. 53-3=50. 50*2=100. \\boxed{100}
 
 * **expert style** (the "ground-truth" solutions that SFT/DFT train on; like MATH's human-written
   references, a style of its own: the whole expression first, then reduced step by step)::
 
-      (37+48-19)*2 = (85-19)*2 = 66*2 = 132. So the answer is \\boxed{132}
+      (47+6-3)*2 = (53-3)*2 = 50*2 = 100. So the answer is \\boxed{100}
 
 Splits (all disjoint by question text, each drawn from its own seeded stream so that e.g. changing the
 base size does not change the test problems): ``base`` (pretraining the base model on model-style
