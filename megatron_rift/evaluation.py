@@ -16,11 +16,12 @@ The benchmark average is the unweighted mean over benchmarks (the paper's "Avg."
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
+
+from megatron_rift.jsonl import iter_json_objects
 
 _PROBLEM_KEYS = ("prompt_id", "question", "prompt")
 
@@ -78,26 +79,16 @@ def read_outcomes(paths: Iterable[str | Path], benchmark_field: str | None = Non
         if not path.is_file():
             raise RecordError(f"{path}: no such file")
         count = 0
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise RecordError(f"{where}: not valid JSON ({error.msg})") from None
-                if not isinstance(record, dict):
-                    raise RecordError(f"{where}: expected a JSON object")
-                if benchmark_field is None:
-                    benchmark = path.stem
-                elif record.get(benchmark_field) is None:
-                    raise RecordError(f"{where}: missing the benchmark field {benchmark_field!r}")
-                else:
-                    benchmark = str(record[benchmark_field])
-                problems = outcomes.setdefault(benchmark, defaultdict(list))
-                problems[_problem_key(record, where)].append(_record_correct(record, where))
-                count += 1
+        for _, where, record in iter_json_objects(path, RecordError):
+            if benchmark_field is None:
+                benchmark = path.stem
+            elif record.get(benchmark_field) is None:
+                raise RecordError(f"{where}: missing the benchmark field {benchmark_field!r}")
+            else:
+                benchmark = str(record[benchmark_field])
+            problems = outcomes.setdefault(benchmark, defaultdict(list))
+            problems[_problem_key(record, where)].append(_record_correct(record, where))
+            count += 1
         if count == 0:
             raise RecordError(f"{path}: no records (the file is empty)")
     return {name: dict(problems) for name, problems in outcomes.items()}

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable
 
 from megatron_rift.demo.task import PROMPT_TEMPLATE as DEFAULT_PROMPT_TEMPLATE
+from megatron_rift.jsonl import iter_json_objects
 from megatron_rift.rewards import Verifier
 
 BACKENDS = ("auto", "transformers", "vllm")
@@ -69,32 +70,22 @@ def read_generation_problems(path: str | Path,
     if not path.is_file():
         raise ProblemsInputError(f"{path}: no such problems file")
     problems, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ProblemsInputError(f"{where}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ProblemsInputError(f"{where}: expected a JSON object")
-            question, prompt = record.get("question"), record.get("prompt")
-            if not isinstance(prompt, str) and not isinstance(question, str):
-                raise ProblemsInputError(f"{where}: needs a string field 'prompt' or 'question'")
-            if record.get("answer") is None or isinstance(record["answer"], (dict, list, bool)):
-                raise ProblemsInputError(f"{where}: needs field 'answer' (a string or number) to "
-                                         "score the responses")
-            prompt_id = str(record.get("prompt_id", f"{path.stem}-{lineno:06d}"))
-            if prompt_id in seen:
-                raise ProblemsInputError(f"{where}: prompt_id {prompt_id!r} already used on line "
-                                         f"{seen[prompt_id]}")
-            seen[prompt_id] = lineno
-            if not isinstance(prompt, str):
-                prompt = prompt_template.format(question=question)
-            problems.append(GenerationProblem(prompt_id, prompt, str(record["answer"]),
-                                              question if isinstance(question, str) else None))
+    for lineno, where, record in iter_json_objects(path, ProblemsInputError):
+        question, prompt = record.get("question"), record.get("prompt")
+        if not isinstance(prompt, str) and not isinstance(question, str):
+            raise ProblemsInputError(f"{where}: needs a string field 'prompt' or 'question'")
+        if record.get("answer") is None or isinstance(record["answer"], (dict, list, bool)):
+            raise ProblemsInputError(f"{where}: needs field 'answer' (a string or number) to "
+                                     "score the responses")
+        prompt_id = str(record.get("prompt_id", f"{path.stem}-{lineno:06d}"))
+        if prompt_id in seen:
+            raise ProblemsInputError(f"{where}: prompt_id {prompt_id!r} already used on line "
+                                     f"{seen[prompt_id]}")
+        seen[prompt_id] = lineno
+        if not isinstance(prompt, str):
+            prompt = prompt_template.format(question=question)
+        problems.append(GenerationProblem(prompt_id, prompt, str(record["answer"]),
+                                          question if isinstance(question, str) else None))
     if not problems:
         raise ProblemsInputError(f"{path}: no problems (the file is empty)")
     return problems

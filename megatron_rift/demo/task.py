@@ -31,6 +31,8 @@ import random
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from megatron_rift.jsonl import iter_json_objects
+
 PROMPT_TEMPLATE = "Q: {question}\nA:"
 SPLITS = ("base", "train", "val", "test", "ood")
 USER_SPLITS = ("train", "val", "test", "ood")
@@ -273,36 +275,25 @@ def load_problems_file(path: str | Path) -> list[Problem]:
         raise ProblemsFileError(f"{path}: no such problems file")
     problems: list[Problem] = []
     seen_ids: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ProblemsFileError(f"{where}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ProblemsFileError(f"{where}: expected a JSON object, got "
-                                        f"{type(record).__name__}")
-            question = _record_text(record, "question", where, required=True)
-            answer = _record_text(record, "answer", where, required=True)
-            split = _record_text(record, "split", where, required=True)
-            if split not in USER_SPLITS:
-                raise ProblemsFileError(f"{where}: field 'split' is {split!r}; use one of "
-                                        f"{', '.join(USER_SPLITS)}")
-            solution = _record_text(record, "solution", where, required=False)
-            if solution is not None and not solution.startswith((" ", "\n")):
-                solution = " " + solution  # responses follow "A:" after a space, as the demo's do
-            prompt_id = _record_text(record, "prompt_id", where, required=False)
-            prompt_id = prompt_id or f"{split}-{lineno:06d}"
-            if prompt_id in seen_ids:
-                raise ProblemsFileError(f"{where}: prompt_id {prompt_id!r} already used on line "
-                                        f"{seen_ids[prompt_id]}")
-            seen_ids[prompt_id] = lineno
-            problems.append(Problem(prompt_id=prompt_id, split=split, question=question,
-                                    answer=answer.strip(), solution=solution,
-                                    expert_solution=solution))
+    for lineno, where, record in iter_json_objects(path, ProblemsFileError):
+        question = _record_text(record, "question", where, required=True)
+        answer = _record_text(record, "answer", where, required=True)
+        split = _record_text(record, "split", where, required=True)
+        if split not in USER_SPLITS:
+            raise ProblemsFileError(f"{where}: field 'split' is {split!r}; use one of "
+                                    f"{', '.join(USER_SPLITS)}")
+        solution = _record_text(record, "solution", where, required=False)
+        if solution is not None and not solution.startswith((" ", "\n")):
+            solution = " " + solution  # responses follow "A:" after a space, as the demo's do
+        prompt_id = _record_text(record, "prompt_id", where, required=False)
+        prompt_id = prompt_id or f"{split}-{lineno:06d}"
+        if prompt_id in seen_ids:
+            raise ProblemsFileError(f"{where}: prompt_id {prompt_id!r} already used on line "
+                                    f"{seen_ids[prompt_id]}")
+        seen_ids[prompt_id] = lineno
+        problems.append(Problem(prompt_id=prompt_id, split=split, question=question,
+                                answer=answer.strip(), solution=solution,
+                                expert_solution=solution))
     if not problems:
         raise ProblemsFileError(f"{path}: no problems (the file is empty)")
     return problems
