@@ -8,8 +8,8 @@ fp32 logits and backpropagates to them:
   trainer does;
 - one row per objective: ``megatron_rift.losses.compute_loss`` on Megatron's CE.
 
-Time: all variants interleaved round-robin in one process (the same machine load for each), median
-of ``--repeats``. Peak memory: each variant in a fresh process, the growth of peak RSS
+Time: all variants interleaved round-robin in one process (the same machine load for each), the
+order rotated every round, median of ``--repeats``. Peak memory: each variant in a fresh process, the growth of peak RSS
 (``ru_maxrss``) over a baseline taken once the inputs exist, so it counts exactly the fwd+bwd working
 set (logit gradient included). On a GPU the same script reports ``torch.cuda.max_memory_allocated``.
 
@@ -86,8 +86,11 @@ def measure_time(tokens: int, vocab: int, repeats: int) -> dict:
     times = {v: [] for v in VARIANTS}
     for v in VARIANTS:  # warm-up
         _fwd_bwd(v, *inputs)
-    for _ in range(repeats):
-        for v in VARIANTS:
+    for round_index in range(repeats):
+        # Rotate the order each round: whichever variant runs first after the previous round's
+        # large frees pays for fresh pages, which biased a fixed order by ~20% at vocab 152k.
+        shift = round_index % len(VARIANTS)
+        for v in VARIANTS[shift:] + VARIANTS[:shift]:
             _sync(device)
             t0 = time.perf_counter()
             _fwd_bwd(v, *inputs)
