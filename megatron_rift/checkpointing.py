@@ -60,13 +60,26 @@ def latest_checkpoint_dir(ckpt_root: str | Path) -> Path | None:
     return folder
 
 
-def _rank() -> int:
+def global_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def replace_folder(staged: Path, final: Path) -> None:
+    """Move a fully written folder into place; an existing ``final`` is moved aside first and
+    deleted only after the swap, so at every instant one complete version exists."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staged, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, final)
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
@@ -89,30 +102,22 @@ def save_checkpoint(ckpt_root: str | Path, iteration: int | str, sharded_state_d
     root = Path(ckpt_root)
     final = root / iteration_dir_name(iteration)
     tmp = root / f".tmp_{final.name}"
-    if _rank() == 0:
+    if global_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a save that crashed
         tmp.mkdir()
-    _barrier()
+    barrier()
     dist_checkpointing.save(sharded_state_dict, str(tmp))
-    _barrier()
+    barrier()
     if before_publish is not None:
         before_publish(tmp)
-    if _rank() == 0:
-        if final.exists():
-            # Re-saving the same iteration: move the old one aside first, never leave none.
-            old = root / f".old_{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+    if global_rank() == 0:
+        replace_folder(tmp, final)
         _write_text_atomically(root / TRACKER_FILE, str(iteration))
         if keep_last:
             _prune(root, keep_last, keep=final.name)
-    _barrier()
+    barrier()
     return final
 
 

@@ -12,6 +12,8 @@ Exit status: 0 success, 2 bad input or failed --verify (nothing is written then)
 import argparse
 import sys
 
+from megatron_rift.convert_args import add_verify_arguments
+
 # Heavy imports happen inside main(): dist_checkpointing.save starts a spawn-context helper process
 # that re-imports this file, and it should not pay for torch and Megatron.
 
@@ -24,13 +26,7 @@ def parse_args(argv=None):
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--target-dtype", choices=["fp32", "bf16"], default=None,
                    help="stored dtype (default: bf16 if config.json says bfloat16, else fp32)")
-    p.add_argument("--verify", action="store_true",
-                   help="compare logits with the HF model; print max_abs_logit_diff=; fail above tolerance")
-    p.add_argument("--verify-dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="precision both models compute in for --verify (weights at the stored precision); "
-                        "bf16 halves the memory, with a looser tolerance")
-    p.add_argument("--verify-tolerance", type=float, default=None,
-                   help="default: 1e-4 in fp32; in bf16 5%% of the HF model's max |logit|")
+    add_verify_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     return p.parse_args(argv)
 

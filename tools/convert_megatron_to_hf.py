@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+from megatron_rift.convert_args import add_verify_arguments
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -20,14 +22,7 @@ def parse_args(argv=None):
     p.add_argument("--target-dtype", choices=["fp32", "bf16"], default=None,
                    help="dtype of the safetensors (default: the checkpoint's stored dtype)")
     p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="largest safetensors file")
-    p.add_argument("--verify", action="store_true",
-                   help="compare logits with the Megatron model; print max_abs_logit_diff=; "
-                        "fail above tolerance")
-    p.add_argument("--verify-dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="precision both models compute in for --verify (weights at the stored precision); "
-                        "bf16 halves the memory, with a looser tolerance")
-    p.add_argument("--verify-tolerance", type=float, default=None,
-                   help="default: 1e-4 in fp32; in bf16 5%% of the HF model's max |logit|")
+    add_verify_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     return p.parse_args(argv)
 

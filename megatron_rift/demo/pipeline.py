@@ -100,7 +100,7 @@ class DemoRun:
             base_ckpt = d / "base" / "ckpt"
             stages.train(cfg, base_data, base_ckpt, "sft", cfg.base_lr, cfg.base_epochs,
                          cfg.base_global_batch, d / "base")
-            base_hf = stages.export_hf(base_ckpt, d / "base" / "hf", d / "base", tok)
+            base_hf = stages.export_hf(base_ckpt, d / "base" / "hf", d / "base")
             self._done(bar, "base model")
 
             self._stage(bar, "rollouts")
@@ -157,7 +157,7 @@ class DemoRun:
         ckpt = folder / "ckpt"
         stages.train(self.cfg, data[source], ckpt, objective, lr, self.cfg.finetune_epochs,
                      self.cfg.finetune_global_batch, folder, pretrained=start_ckpt)
-        hf = stages.export_hf(ckpt, folder / "hf", folder, self.dir / "tokenizer")
+        hf = stages.export_hf(ckpt, folder / "hf", folder)
         result = evaluate_model(hf, splits, eval_splits, self.cfg, folder / "eval", method, self.seed)
         result["lr"] = lr
         return result

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,15 +116,11 @@ def train(cfg: DemoConfig, data_prefix: Path, save: Path, objective: str, lr: fl
     return metrics
 
 
-def export_hf(ckpt: Path, out: Path, log_dir: Path, tokenizer_dir: Path) -> Path:
-    """Megatron checkpoint -> HF folder, with the demo's tokenizer beside the weights so the folder
-    is self-contained for transformers / vLLM."""
+def export_hf(ckpt: Path, out: Path, log_dir: Path) -> Path:
+    """Megatron checkpoint -> HF folder (the trainer's checkpoint carries its tokenizer)."""
     cmd = [sys.executable, str(REPO / "tools" / "convert_megatron_to_hf.py"), "--megatron-path",
            str(ckpt), "--output", str(out), "--overwrite"]
     _run(cmd, log_dir / "export.log", f"HF export of {ckpt}")
-    for item in Path(tokenizer_dir).iterdir():
-        if item.is_file() and not (out / item.name).exists():
-            shutil.copy2(item, out / item.name)
     return out
 
 

@@ -22,6 +22,7 @@ with one), so it can be exported or fine-tuned from like a converted checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -112,7 +113,17 @@ def training_state_dict(components, data, iteration: int, run_flags: dict, is_lo
 ROOT_FOLDERS_TO_CARRY = ("tokenizer", "hf_config")
 
 
-def _write_root_files(save_root: Path, components, model_source: str | None) -> None:
+def dataset_tokenizer_folder(data_path: str) -> Path | None:
+    """The HF tokenizer folder a packed dataset was tokenized with (from PREFIX.json), if any."""
+    try:
+        info = json.loads(Path(f"{data_path}.json").read_text())["tokenizer"]
+    except (OSError, KeyError, ValueError):
+        return None
+    return Path(info["path"]) if info.get("kind") == "hf" and info.get("path") else None
+
+
+def _write_root_files(save_root: Path, components, model_source: str | None,
+                      dataset_tokenizer: Path | None = None) -> None:
     """model_config.json (+ tokenizer/, hf_config/ of the source model) in the checkpoint root,
     written by rank 0 so the root can be exported like a converted checkpoint."""
     if dist.get_rank() != 0:
@@ -125,6 +136,10 @@ def _write_root_files(save_root: Path, components, model_source: str | None) -> 
     staging.rmdir()
     for name in ROOT_FOLDERS_TO_CARRY:
         source = Path(model_source) / name if model_source else None
+        if name == "tokenizer" and (source is None or not source.is_dir()):
+            # A model trained from scratch: carry the tokenizer its data was packed with, so the
+            # checkpoint exports to a self-contained HF folder.
+            source = dataset_tokenizer
         if source is None or not source.is_dir() or (save_root / name).exists() \
                 or source.resolve() == (save_root / name).resolve():
             continue
@@ -138,7 +153,7 @@ def save_training_checkpoint(args, components, data, iteration: int, run_flags: 
                              model_source: str | None) -> Path:
     root = Path(args.save)
     install_results_queue()
-    _write_root_files(root, components, model_source)
+    _write_root_files(root, components, model_source, dataset_tokenizer_folder(args.data_path))
     state = training_state_dict(components, data, iteration, run_flags, is_loading=False)
     return save_checkpoint(root, iteration, state, keep_last=args.keep_last_checkpoints,
                            before_publish=lambda _tmp: maybe_kill_for_test("save", iteration))
