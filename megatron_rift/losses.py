@@ -37,17 +37,61 @@ the signal usable; the DFT paper's table 8 found the same (token-level beats seq
 The final loss is ``loss_sum / num_tokens`` where both are summed over micro-batches and
 data-parallel ranks: Megatron's schedule does that division when
 ``TransformerConfig.calculate_per_token_loss`` is set (see :func:`make_loss_func`).
+
+Preference baselines (:data:`PREFERENCE_OBJECTIVES`, :func:`compute_preference_loss`) work on
+whole responses: ``log pi(y|x) = -sum_t ce_t`` over a sample's response tokens, from the same
+per-token CE. Their "count" is pairs (``dpo``, ``simpo``) or samples (``kto``), so the schedule's
+division gives the usual per-pair / per-sample mean:
+
+==========  ========================================================================  ==========
+objective   loss of one unit                                                          reference
+==========  ========================================================================  ==========
+``dpo``     ``-log sigmoid(beta * ((lp_c - ref_c) - (lp_r - ref_r)))``                  yes
+``kto``     ``w_D * (1 - sigmoid(beta * (lp - ref - z)))`` if desirable,                yes
+            ``w_U * (1 - sigmoid(beta * (z - lp + ref)))`` if undesirable
+``simpo``   ``-log sigmoid(beta * (lp_c / n_c - lp_r / n_r) - gamma)``                  no
+==========  ========================================================================  ==========
+
+``c``/``r`` are a pair's chosen and rejected responses, ``n`` their response token counts. KTO's
+reference point ``z`` is its KL estimate (KTO paper section 4.1, as TRL does it): the mean of
+``lp - ref`` over *mismatched* samples (a prompt with another problem's response) in the same
+micro-batch, clamped at 0 and detached.
 """
 
 from __future__ import annotations
 
-import torch
+import dataclasses
 
-OBJECTIVES = ("sft", "dft", "rft", "rift", "naive")
+import torch
+import torch.nn.functional as F
+
+TOKEN_OBJECTIVES = ("sft", "dft", "rft", "rift", "naive")
+PREFERENCE_OBJECTIVES = ("dpo", "kto", "simpo")
+OBJECTIVES = TOKEN_OBJECTIVES + PREFERENCE_OBJECTIVES
+PAIRED_OBJECTIVES = ("dpo", "simpo")  # trained on (chosen, rejected) pairs
+REFERENCE_OBJECTIVES = ("dpo", "kto")  # need the reference model's log-probs
 NEGATIVE_MODES = ("token", "sequence", "geometric")
 
 # Paper section 4.1: 1e-5 for SFT and RFT, a more conservative 2e-6 for RIFT and DPO.
-DEFAULT_LR = {"sft": 1e-5, "dft": 1e-5, "rft": 1e-5, "rift": 2e-6, "naive": 2e-6, "dpo": 2e-6}
+# KTO and SimPO: the paper's tables 9-10 use MS-Swift defaults; we give them DPO's rate.
+DEFAULT_LR = {"sft": 1e-5, "dft": 1e-5, "rft": 1e-5, "rift": 2e-6, "naive": 2e-6, "dpo": 2e-6,
+              "kto": 2e-6, "simpo": 2e-6}
+
+# Sample roles inside a preference micro-batch (``roles`` of compute_preference_loss).
+CHOSEN, REJECTED, KL_SAMPLE = 1, -1, 0  # kto: desirable = CHOSEN, undesirable = REJECTED
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceSettings:
+    """Hyper-parameters of the preference objectives (trainer flags in brackets)."""
+
+    beta: float = 0.1  # [--beta] DPO/KTO 0.1 (their papers' defaults); SimPO wants ~2
+    simpo_gamma: float = 1.0  # [--simpo-gamma] target reward margin (SimPO: gamma/beta ~ 0.5)
+    desirable_weight: float = 1.0  # [--kto-desirable-weight] KTO's lambda_D
+    undesirable_weight: float = 1.0  # [--kto-undesirable-weight] KTO's lambda_U
+
+
+DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "simpo": 2.0}
 
 
 def compute_loss(per_token_ce: torch.Tensor, loss_mask: torch.Tensor, rewards: torch.Tensor,
@@ -70,8 +114,10 @@ def compute_loss(per_token_ce: torch.Tensor, loss_mask: torch.Tensor, rewards: t
         dict of detached ``tensor([sum, count])`` pairs whose ratio is the metric (so they add up
         across micro-batches and ranks).
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if objective not in TOKEN_OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of "
+                         f"{', '.join(TOKEN_OBJECTIVES)} (preference objectives: "
+                         "compute_preference_loss)")
     if negative_mode not in NEGATIVE_MODES:
         raise ValueError(f"unknown negative_mode {negative_mode!r}; choose one of "
                          f"{', '.join(NEGATIVE_MODES)}")
@@ -139,6 +185,110 @@ def _metrics(ce, p, mask, positive, negative):
         "p_positive": pair(torch.where(positive, p, 0).sum(), positive.sum()),
         "p_negative": pair(torch.where(negative, p, 0).sum(), negative.sum()),
     }
+
+
+def sequence_logprobs(per_token_ce: torch.Tensor, loss_mask: torch.Tensor,
+                      segment_ids: torch.Tensor, num_samples: int):
+    """Per-sample response log-probability ``sum_t -ce_t`` and response token count.
+
+    ``segment_ids`` [b, s] names the sample (0..num_samples-1) each position belongs to (-1 on
+    padding), as :func:`megatron_rift.data.batching.collate_rollouts` builds it, packed or not.
+    Returns float [n] (with grad) and float [n].
+    """
+    ce = per_token_ce.float()
+    counted = (loss_mask > 0) & (segment_ids >= 0)
+    slot = torch.where(counted, segment_ids.long(), torch.full_like(segment_ids.long(), num_samples))
+    zeros = torch.zeros(num_samples + 1, dtype=ce.dtype, device=ce.device)
+    logp = zeros.index_add(0, slot.reshape(-1), torch.where(counted, -ce, 0.0).reshape(-1))
+    count = zeros.index_add(0, slot.reshape(-1), counted.reshape(-1).to(ce.dtype))
+    return logp[:num_samples], count[:num_samples]
+
+
+def compute_preference_loss(per_token_ce: torch.Tensor, loss_mask: torch.Tensor,
+                            segment_ids: torch.Tensor, roles: torch.Tensor,
+                            ref_logprobs: torch.Tensor | None, objective: str,
+                            settings: PreferenceSettings = PreferenceSettings()):
+    """Loss sum, unit count and metrics of one preference micro-batch (see the module table).
+
+    Args:
+        per_token_ce, loss_mask, segment_ids: [b, s], as for :func:`sequence_logprobs`.
+        roles: [n] int per sample. ``dpo``/``simpo``: pairs in order, ``CHOSEN`` at even and
+            ``REJECTED`` at odd positions. ``kto``: ``CHOSEN`` (desirable), ``REJECTED``
+            (undesirable) or ``KL_SAMPLE`` (a mismatched prompt/response for KTO's reference point).
+        ref_logprobs: [n] reference ``log pi_ref(y|x)`` per sample (``dpo``, ``kto``).
+    Returns:
+        ``(loss_sum, count, metrics)`` like :func:`compute_loss`; count is pairs or samples.
+    """
+    if objective not in PREFERENCE_OBJECTIVES:
+        raise ValueError(f"unknown preference objective {objective!r}; choose one of "
+                         f"{', '.join(PREFERENCE_OBJECTIVES)}")
+    roles = roles.long()
+    n = roles.numel()
+    logp, count = sequence_logprobs(per_token_ce, loss_mask, segment_ids, n)
+    if objective in REFERENCE_OBJECTIVES:
+        if ref_logprobs is None:
+            raise ValueError(f"{objective} needs the reference model's log-probs")
+        ratio = logp - ref_logprobs.to(logp.dtype)  # log pi / pi_ref per sample
+    beta = settings.beta
+
+    if objective in PAIRED_OBJECTIVES:
+        if n % 2 or not (bool((roles[0::2] == CHOSEN).all()) and bool((roles[1::2] == REJECTED).all())):
+            raise ValueError(f"{objective}: a micro-batch must hold whole (chosen, rejected) pairs "
+                             f"in order; got roles {roles.tolist()}")
+        if objective == "dpo":
+            margin = beta * (ratio[0::2] - ratio[1::2])
+            chosen_reward, rejected_reward = beta * ratio[0::2], beta * ratio[1::2]
+        else:  # simpo: length-normalized, reference-free
+            average = logp / count.clamp(min=1)
+            chosen_reward, rejected_reward = beta * average[0::2], beta * average[1::2]
+            margin = chosen_reward - rejected_reward - settings.simpo_gamma
+        losses = -F.logsigmoid(margin)
+        units = losses.numel()
+        metrics = {
+            "reward_accuracy": _pair((margin.detach() > 0).sum(), units),
+            "reward_margin": _pair((chosen_reward - rejected_reward).detach().sum(), units),
+            "chosen_reward": _pair(chosen_reward.detach().sum(), units),
+            "rejected_reward": _pair(rejected_reward.detach().sum(), units),
+        }
+        return losses.sum(), torch.tensor(units, dtype=torch.int), metrics
+
+    # kto
+    desirable, undesirable, kl = roles == CHOSEN, roles == REJECTED, roles == KL_SAMPLE
+    num_kl = int(kl.sum())
+    z = (torch.where(kl, ratio, 0.0).sum() / max(num_kl, 1)).clamp(min=0).detach()
+    losses = torch.where(
+        desirable, settings.desirable_weight * (1 - torch.sigmoid(beta * (ratio - z))),
+        torch.where(undesirable, settings.undesirable_weight * (1 - torch.sigmoid(beta * (z - ratio))),
+                    torch.zeros_like(ratio)))
+    units = int((desirable | undesirable).sum())
+    metrics = {
+        "kl_estimate": _pair(z, 1 if num_kl else 0),
+        "desirable_reward": _pair(torch.where(desirable, beta * ratio, 0.0).detach().sum(),
+                                  desirable.sum()),
+        "undesirable_reward": _pair(torch.where(undesirable, beta * ratio, 0.0).detach().sum(),
+                                    undesirable.sum()),
+    }
+    return losses.sum(), torch.tensor(units, dtype=torch.int), metrics
+
+
+def _pair(value_sum, count):
+    return torch.stack([torch.as_tensor(value_sum).float(), torch.as_tensor(count).float()]).detach()
+
+
+def make_preference_loss_func(loss_mask: torch.Tensor, segment_ids: torch.Tensor,
+                              roles: torch.Tensor, ref_logprobs: torch.Tensor | None,
+                              objective: str, settings: PreferenceSettings):
+    """:func:`make_loss_func`'s counterpart for the preference objectives (same contract; the
+    count is pairs or samples instead of tokens)."""
+
+    def loss_func(output_tensor: torch.Tensor):
+        loss_sum, units, metrics = compute_preference_loss(
+            output_tensor, loss_mask, segment_ids, roles, ref_logprobs, objective, settings)
+        report = {"loss": torch.stack([loss_sum.detach().float(), units.float()])}
+        report.update(metrics)
+        return loss_sum, units, report
+
+    return loss_func
 
 
 def make_loss_func(loss_mask: torch.Tensor, rewards: torch.Tensor, objective: str,

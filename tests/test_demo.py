@@ -33,7 +33,7 @@ def _read_jsonl(path):
 @pytest.mark.slow
 def test_miniature_pipeline_writes_consistent_results(tmp_path):
     out = tmp_path / "demo"
-    proc = _demo(["--output-dir", str(out), "--methods", "rft,rift,naive"], tmp_path)
+    proc = _demo(["--output-dir", str(out), "--methods", "rft,rift,naive,dpo,kto"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     seed = out / "seed0"
 
@@ -55,11 +55,21 @@ def test_miniature_pipeline_writes_consistent_results(tmp_path):
     assert stats["rollouts"] == len(trainable)
     assert stats["positive"] == sum(r["correct"] for r in trainable)
 
+    # DPO's pairs: every trainable rollout against its problem's expert solution (whole pairs
+    # dropped when too long); DPO's and KTO's reference log-probs belong to their datasets.
+    pairs = json.loads((seed / "data" / "pairs.json").read_text())
+    assert pairs["num_pairs"] + pairs["pairs_dropped"] == len(trainable)
+    from megatron_rift.data.preference import dataset_fingerprint
+
+    for name in ("pairs", "rollouts"):
+        ref = json.loads((seed / "data" / f"{name}.ref_logprobs.json").read_text())
+        assert ref["dataset_fingerprint"] == dataset_fingerprint(str(seed / "data" / name))
+
     # Scores: every evaluated method on both splits, in range, Pass@K >= Mean@K; they equal the
     # scores recomputed here from the scored generations.
     results = json.loads((out / "results.json").read_text())
     methods = results["methods"]
-    expected = {"base", "rift", "naive"} | ({"rft"} if stats["positive"] else set())
+    expected = {"base", "rift", "naive", "dpo", "kto"} | ({"rft"} if stats["positive"] else set())
     assert set(methods) == expected
     for method, splits in methods.items():
         assert set(splits) == {"test", "ood"}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from megatron_rift.losses import OBJECTIVES, compute_loss, make_loss_func
+from megatron_rift.losses import TOKEN_OBJECTIVES as OBJECTIVES, compute_loss, make_loss_func
 from tests.loss_reference import reference_loss
 from tests.torchrun_utils import REPO, read_rank_results, run_torchrun
 

@@ -6,11 +6,12 @@ status 2 and print the message. A rank that went on to initialize torch.distribu
 the other forever: the timeout catches that. One configuration also runs under torchrun itself.
 """
 
+import json
 import time
 
 import pytest
 
-from megatron_rift.training.arguments import OBJECTIVES, parse_args
+from megatron_rift.training.arguments import OBJECTIVES, PREFERENCE_OBJECTIVES, parse_args
 from megatron_rift.training.validation import DEFAULT_LR, ConfigError, resolve_plan
 from tests.workers.train_runs import (
     prepared_assets,
@@ -52,7 +53,8 @@ def bad_configurations(assets):
          "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
         ("missing_data", ["--data-path", str(assets["data"]) + "_missing"],
          "pack rollouts with tools/pack_rollouts.py"),
-        ("unknown_objective", ["--objective", "dpo"], "invalid choice: 'dpo'"),
+        ("unknown_objective", ["--objective", "ppo"], "invalid choice: 'ppo'"),
+        ("dpo_without_pairs", ["--objective", "dpo"], "is a plain rollout dataset"),
         ("missing_load", ["--load", "/nonexistent/ckpt"], "--load /nonexistent/ckpt does not exist"),
         ("seq_length", ["--seq-length", "8"], "--seq-length 8 is shorter than rollout"),
         ("vocab_padding", ["--load", assets["release_vocab100"], "--tensor-model-parallel-size",
@@ -103,7 +105,7 @@ def test_validation_messages_name_the_flag_and_fix_in_process(assets):
         resolve_plan(args, world_size=1)
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("objective", [o for o in OBJECTIVES if o not in PREFERENCE_OBJECTIVES])
 def test_paper_defaults(assets, objective):
     """Section 4.1: AdamW, cosine with 5% warmup, global batch 64, 3 epochs, lr 2e-6 (rift) /
     1e-5 (sft, rft); per-objective lr when --lr is not given."""
@@ -118,6 +120,33 @@ def test_paper_defaults(assets, objective):
     assert parse_args(["--data-path", "x"]).global_batch_size == 64
     assert plan.train_iters == 3 * (48 // 8)  # 48 rollouts in the tiny dataset
     assert plan.warmup_iters == round(0.05 * plan.train_iters)
+
+
+def test_preference_objectives_count_pairs_or_samples(assets):
+    """dpo/simpo draw pairs (2 documents each), kto samples with a non-zero reward; their default
+    lr is the paper's DPO rate; online references need a starting model and PP=1."""
+    import numpy as np
+
+    pairs = json.loads(open(assets["pairs"] + ".json").read())
+    for objective in ("dpo", "simpo"):
+        plan = resolve_plan(parse_args(["--data-path", assets["pairs"], "--objective", objective,
+                                        "--global-batch-size", "8"]), world_size=1)
+        assert plan.num_samples == pairs["num_pairs"] == pairs["rollouts"] // 2
+        assert plan.train_iters == 3 * (pairs["num_pairs"] // 8) and plan.lr == 2e-6
+    rewards = np.load(assets["data"] + ".rewards.npy")["reward"]
+    plan = resolve_plan(parse_args(["--data-path", assets["data"], "--objective", "kto",
+                                    "--global-batch-size", "8"]), world_size=1)
+    assert plan.num_samples == int((rewards != 0).sum())
+    with pytest.raises(ConfigError, match="--pairs ground-truth"):
+        resolve_plan(parse_args(["--data-path", assets["data"], "--objective", "dpo"]), 1)
+    with pytest.raises(ConfigError, match="--pretrained-checkpoint"):
+        resolve_plan(parse_args(["--data-path", assets["pairs"], "--objective", "dpo",
+                                 "--reference", "online", "--global-batch-size", "8"]), 1)
+    with pytest.raises(ConfigError, match="--pipeline-model-parallel-size 1"):
+        resolve_plan(parse_args(["--data-path", assets["pairs"], "--objective", "dpo",
+                                 "--reference", "online", "--global-batch-size", "8",
+                                 "--pretrained-checkpoint", assets["release"],
+                                 "--pipeline-model-parallel-size", "2"]), world_size=2)
 
 
 def test_objective_and_file_names_agree_with_the_library():

@@ -37,7 +37,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--negative-reward", type=float, default=-0.2, help="constant scheme")
     p.add_argument("--keep", choices=("all", "positive"), default="all",
                    help="'positive' keeps only positive rollouts (an RFT dataset)")
-    for name in ("prompt", "response", "reward", "correct", "prompt-id"):
+    p.add_argument("--pairs", choices=("none", "ground-truth", "given"), default="none",
+                   help="write (chosen, rejected) pairs for dpo/simpo: 'ground-truth' pairs each "
+                        "rollout with its record's solution (the rollout is chosen when correct, "
+                        "paper section 4.1); 'given' reads records with chosen/rejected")
+    for name in ("prompt", "response", "reward", "correct", "prompt-id", "solution", "chosen",
+                 "rejected"):
         p.add_argument(f"--{name}-key", default=name.replace("-", "_"), metavar="FIELD",
                        help=f"record field holding the {name.replace('-', ' ')}")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
@@ -67,7 +72,9 @@ def main(argv=None) -> int:
         positive_reward=args.positive_reward, negative_reward=args.negative_reward, keep=args.keep,
         fields=RolloutFields(prompt=args.prompt_key, response=args.response_key,
                              reward=args.reward_key, correct=args.correct_key,
-                             prompt_id=args.prompt_id_key),
+                             prompt_id=args.prompt_id_key, solution=args.solution_key,
+                             chosen=args.chosen_key, rejected=args.rejected_key),
+        pairs=args.pairs,
         workers=args.workers, overwrite=args.overwrite, seed=args.seed,
         chunk_size=args.chunk_size, progress=not args.no_progress,
     )
@@ -79,6 +86,8 @@ def main(argv=None) -> int:
     keys = ("problems", "rollouts", "positive", "negative", "positive_fraction", "mixed_problems",
             "mixed_fraction", "prompt_tokens", "response_tokens", "total_tokens", "overlong",
             "overlong_dropped", "overlong_truncated", "removed_by_keep")
+    if args.pairs != "none":
+        keys += ("num_pairs", "pairs_dropped")
     print(f"wrote {args.output_prefix}.{{bin,idx,rewards.npy,json}}")
     for key in keys:
         value = summary[key]

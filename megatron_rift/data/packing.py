@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from megatron_rift.data.encoding import ChunkEncoder, EncodedChunk
 from megatron_rift.data.errors import RolloutDataError
 from megatron_rift.data.reward_schemes import REWARD_SCHEMES, scheme_rewards
-from megatron_rift.data.rollout_reader import Location, RolloutFields, iter_rollouts
+from megatron_rift.data.rollout_reader import PAIRS_MODES, Location, RolloutFields, iter_documents
 from megatron_rift.data.tokenizer import RolloutTokenizer, load_tokenizer
 
 FORMAT_NAME = "megatron-rift-rollouts"
@@ -67,6 +67,9 @@ class PackConfig:
     negative_reward: float = -0.2
     keep: str = "all"
     fields: RolloutFields = field(default_factory=RolloutFields)
+    # "ground-truth" / "given": a pairs dataset for dpo/simpo (documents 2i, 2i+1 = chosen,
+    # rejected of pair i); see rollout_reader.iter_documents.
+    pairs: str = "none"
     workers: int = 1
     overwrite: bool = False
     seed: int = 0  # recorded only: packing is deterministic (output order = input order)
@@ -76,7 +79,8 @@ class PackConfig:
     def validate(self) -> None:
         for name, value, allowed in (("overlong", self.overlong, OVERLONG_MODES),
                                      ("reward_scheme", self.reward_scheme, REWARD_SCHEMES),
-                                     ("keep", self.keep, KEEP_MODES)):
+                                     ("keep", self.keep, KEEP_MODES),
+                                     ("pairs", self.pairs, PAIRS_MODES)):
             if value not in allowed:
                 raise RolloutDataError(f"--{name.replace('_', '-')} {value!r}: choose one of "
                                        f"{', '.join(allowed)}.")
@@ -86,6 +90,12 @@ class PackConfig:
             raise RolloutDataError("--workers and the chunk size must be at least 1.")
         if not self.inputs:
             raise RolloutDataError("no input files given (--input FILE [FILE ...]).")
+        if self.pairs != "none" and self.keep != "all":
+            raise RolloutDataError("--pairs keeps both members of every pair; it cannot be "
+                                   f"combined with --keep {self.keep}.")
+
+    def documents(self):
+        return iter_documents(self.inputs, self.fields, self.pairs)
 
 
 def output_paths(prefix: str) -> dict[str, str]:
@@ -103,11 +113,12 @@ class GroupScan:
     num_groups: int
 
 
-def scan_groups(paths: Sequence[str], fields: RolloutFields, progress: bool = True) -> GroupScan:
-    """Pass 1: validate every record; keep (group, raw reward, outcome) per rollout."""
+def scan_groups(config: PackConfig) -> GroupScan:
+    """Pass 1: validate every record; keep (group, raw reward, outcome) per document."""
     group_ids: dict[bytes, int] = {}
     group, raw, outcome = array("q"), array("d"), array("b")
-    for rollout in tqdm(iter_rollouts(paths, fields), desc="pass 1/2 (validate, group)",
+    paths, progress = config.inputs, config.progress
+    for rollout in tqdm(config.documents(), desc="pass 1/2 (validate, group)",
                         unit=" rollouts", disable=None if progress else True):
         group.append(group_ids.setdefault(rollout.group_key, len(group_ids)))
         raw.append(rollout.raw_reward)
@@ -123,7 +134,9 @@ def _chunks(config: PackConfig, keep: np.ndarray
     """Pass 2 reader: kept rollouts in chunks of ``(indices, locations), prompts, responses``."""
     indices, locations, prompts, responses = [], [], [], []
     count = 0
-    for index, rollout in enumerate(iter_rollouts(config.inputs, config.fields)):
+    # Pairs stay in one chunk: the writer decides about both members together.
+    chunk_size = config.chunk_size + (config.chunk_size % 2 if config.pairs != "none" else 0)
+    for index, rollout in enumerate(config.documents()):
         count = index + 1
         if index >= keep.size:
             break
@@ -133,7 +146,7 @@ def _chunks(config: PackConfig, keep: np.ndarray
         locations.append(rollout.where)
         prompts.append(rollout.prompt)
         responses.append(rollout.response)
-        if len(indices) == config.chunk_size:
+        if len(indices) == chunk_size:
             yield (indices, locations), prompts, responses
             indices, locations, prompts, responses = [], [], [], []
     if count != keep.size:
@@ -155,36 +168,51 @@ class _DatasetWriter:
         self.response_start = array("i")
         self.prompt_tokens = self.response_tokens = 0
         self.overlong = self.overlong_dropped = self.overlong_truncated = 0
+        self.pairs_dropped = 0
 
     def add_chunk(self, indices: list[int], locations: list[Location], chunk: EncodedChunk) -> None:
-        max_len = self.config.max_seq_length
         offsets = chunk.offsets
+        kept = [self._fit(j, locations[j], chunk) for j in range(len(indices))]
+        if self.config.pairs != "none":  # a pair is written whole or not at all
+            for j in range(0, len(kept), 2):
+                if kept[j] is None or kept[j + 1] is None:
+                    self.overlong_dropped += (kept[j] is not None) + (kept[j + 1] is not None)
+                    self.pairs_dropped += 1
+                    kept[j] = kept[j + 1] = None
         for j, index in enumerate(indices):
-            start, length = int(offsets[j]), int(chunk.rollout_lengths[j])
-            prompt_length = int(chunk.prompt_lengths[j])
-            if prompt_length == 0:
-                raise RolloutDataError(
-                    f"{locations[j]}: the prompt encodes to 0 tokens, so the first response token "
-                    "would have nothing to be predicted from. Give a non-empty prompt, or use "
-                    "--chat-template or a tokenizer that adds BOS.")
-            if max_len is not None and length > max_len:
-                self.overlong += 1
-                if self.config.overlong == "error":
-                    raise RolloutDataError(
-                        f"{locations[j]}: rollout has {length} tokens (prompt {prompt_length}, "
-                        f"response+EOS {length - prompt_length}) > --max-seq-length {max_len}. "
-                        "Pass --overlong drop or --overlong truncate, or raise --max-seq-length.")
-                if self.config.overlong == "drop" or prompt_length >= max_len:
-                    self.overlong_dropped += 1  # truncation would leave no response token
-                    continue
-                # Cut the response's tail; its EOS goes with it (the response did not end there).
-                length = max_len
-                self.overlong_truncated += 1
+            if kept[j] is None:
+                continue
+            length, prompt_length = kept[j]
+            start = int(offsets[j])
             self.builder.add_document(chunk.tokens[start:start + length], [length])
             self.written.append(index)
             self.response_start.append(prompt_length)
             self.prompt_tokens += prompt_length
             self.response_tokens += length - prompt_length
+
+    def _fit(self, j: int, where: Location, chunk: EncodedChunk) -> tuple[int, int] | None:
+        """(length to write, prompt length) of document j under the overlong policy, or None."""
+        max_len = self.config.max_seq_length
+        length, prompt_length = int(chunk.rollout_lengths[j]), int(chunk.prompt_lengths[j])
+        if prompt_length == 0:
+            raise RolloutDataError(
+                f"{where}: the prompt encodes to 0 tokens, so the first response token "
+                "would have nothing to be predicted from. Give a non-empty prompt, or use "
+                "--chat-template or a tokenizer that adds BOS.")
+        if max_len is None or length <= max_len:
+            return length, prompt_length
+        self.overlong += 1
+        if self.config.overlong == "error":
+            raise RolloutDataError(
+                f"{where}: rollout has {length} tokens (prompt {prompt_length}, "
+                f"response+EOS {length - prompt_length}) > --max-seq-length {max_len}. "
+                "Pass --overlong drop or --overlong truncate, or raise --max-seq-length.")
+        if self.config.overlong == "drop" or prompt_length >= max_len:
+            self.overlong_dropped += 1  # truncation would leave no response token
+            return None
+        # Cut the response's tail; its EOS goes with it (the response did not end there).
+        self.overlong_truncated += 1
+        return max_len, prompt_length
 
     def finalize(self, idx_path: str) -> None:
         self.builder.finalize(idx_path)
@@ -235,7 +263,7 @@ def pack_rollouts(config: PackConfig) -> dict:
     tokenizer = load_tokenizer(config.tokenizer)
     if config.chat_template and not tokenizer.has_chat_template:
         tokenizer.render_chat_prompt("")  # raises the explanatory error
-    scan = scan_groups(config.inputs, config.fields, config.progress)
+    scan = scan_groups(config)
     rewards = scheme_rewards(config.reward_scheme, scan.raw, scan.outcome, scan.group,
                              config.positive_reward, config.negative_reward)
     keep = scan.outcome > 0 if config.keep == "positive" else np.ones(scan.group.size, bool)
@@ -295,6 +323,9 @@ def _pack_into(config: PackConfig, tokenizer: RolloutTokenizer, scan: GroupScan,
         "overlong": writer.overlong, "overlong_dropped": writer.overlong_dropped,
         "overlong_truncated": writer.overlong_truncated,
         "removed_by_keep": int((~keep).sum()),
+        "pairs": None if config.pairs == "none" else config.pairs,
+        "num_pairs": written.size // 2 if config.pairs != "none" else 0,
+        "pairs_dropped": writer.pairs_dropped,
         "reward_mean": float(side["reward"].astype(np.float64).mean()),
     }
     # Read back what Megatron will read, before publishing anything.

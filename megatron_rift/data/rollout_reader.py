@@ -44,6 +44,9 @@ class RolloutFields:
     reward: str = "reward"
     correct: str = "correct"
     prompt_id: str = "prompt_id"
+    solution: str = "solution"  # --pairs ground-truth: the problem's reference solution
+    chosen: str = "chosen"  # --pairs given
+    rejected: str = "rejected"
 
 
 @dataclass(frozen=True)
@@ -130,27 +133,41 @@ def _group_key(prompt_id: object, prompt: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-def parse_rollout(record: object, fields: RolloutFields, where: Location) -> Rollout:
-    """Validate one record; raise :class:`RolloutDataError` naming ``where`` and the field."""
+def _text_field(record: dict, name: str, flag: str, where: Location, non_blank: bool = False) -> str:
+    value = record.get(name)
+    if value is None:
+        raise RolloutDataError(
+            f"{where}: missing field '{name}'. Add it, or point {flag} at the field that holds "
+            f"it (fields present: {sorted(record)}).")
+    if not isinstance(value, str):
+        raise RolloutDataError(f"{where}: field '{name}' must be a string, got "
+                               f"{type(value).__name__}.")
+    if non_blank and not value.strip():
+        raise RolloutDataError(f"{where}: field '{name}' is empty; there is nothing to train on. "
+                               "Remove the record or fill the field.")
+    return value
+
+
+def _check_object(record: object, where: Location) -> dict:
     if not isinstance(record, dict):
         raise RolloutDataError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+    return record
 
-    def text_field(name: str, flag: str) -> str:
-        value = record.get(name)
-        if value is None:
-            raise RolloutDataError(
-                f"{where}: missing field '{name}'. Add it, or point {flag} at the field that holds "
-                f"it (fields present: {sorted(record)}).")
-        if not isinstance(value, str):
-            raise RolloutDataError(f"{where}: field '{name}' must be a string, got "
-                                   f"{type(value).__name__}.")
-        return value
 
-    prompt = text_field(fields.prompt, "--prompt-key")
-    response = text_field(fields.response, "--response-key")
-    if not response.strip():
-        raise RolloutDataError(f"{where}: field '{fields.response}' is empty; a rollout needs a "
-                               "response to train on. Remove the record or regenerate it.")
+def _prompt_id(record: dict, fields: RolloutFields, where: Location):
+    prompt_id = record.get(fields.prompt_id)
+    if prompt_id is not None and (isinstance(prompt_id, bool)
+                                  or not isinstance(prompt_id, (str, Integral))):
+        raise RolloutDataError(f"{where}: field '{fields.prompt_id}' must be a string or an "
+                               f"integer, got {prompt_id!r}.")
+    return prompt_id
+
+
+def parse_rollout(record: object, fields: RolloutFields, where: Location) -> Rollout:
+    """Validate one record; raise :class:`RolloutDataError` naming ``where`` and the field."""
+    record = _check_object(record, where)
+    prompt = _text_field(record, fields.prompt, "--prompt-key", where)
+    response = _text_field(record, fields.response, "--response-key", where, non_blank=True)
 
     correct = record.get(fields.correct)
     if correct is not None and not isinstance(correct, bool):
@@ -171,12 +188,7 @@ def parse_rollout(record: object, fields: RolloutFields, where: Location) -> Rol
             "(true/false), or remap them with --reward-key / --correct-key. (A JSON array or "
             "Parquet file stores NaN as null, so a NaN reward also lands here.)")
 
-    prompt_id = record.get(fields.prompt_id)
-    if prompt_id is not None and (isinstance(prompt_id, bool)
-                                  or not isinstance(prompt_id, (str, Integral))):
-        raise RolloutDataError(f"{where}: field '{fields.prompt_id}' must be a string or an "
-                               f"integer, got {prompt_id!r}.")
-
+    prompt_id = _prompt_id(record, fields, where)
     if correct is not None:
         outcome = 1 if correct else -1
     else:
@@ -190,3 +202,37 @@ def iter_rollouts(paths: Sequence[str], fields: RolloutFields = RolloutFields()
     """Validated rollouts of all files, in input order."""
     for record, where in iter_records(paths):
         yield parse_rollout(record, fields, where)
+
+
+PAIRS_MODES = ("none", "ground-truth", "given")
+
+
+def _ground_truth_pair(record: object, fields: RolloutFields, where: Location) -> tuple[Rollout, Rollout]:
+    """Paper section 4.1: the rollout is preferred to the ground-truth solution when it is
+    correct, the ground truth otherwise. Returns (chosen, rejected)."""
+    rollout = parse_rollout(record, fields, where)
+    solution = _text_field(record, fields.solution, "--solution-key", where, non_blank=True)
+    truth = Rollout(rollout.prompt, solution, 1.0, 1, rollout.group_key, where)
+    return (rollout, truth) if rollout.outcome > 0 else (truth, rollout)
+
+
+def _given_pair(record: object, fields: RolloutFields, where: Location) -> tuple[Rollout, Rollout]:
+    record = _check_object(record, where)
+    prompt = _text_field(record, fields.prompt, "--prompt-key", where)
+    chosen = _text_field(record, fields.chosen, "--chosen-key", where, non_blank=True)
+    rejected = _text_field(record, fields.rejected, "--rejected-key", where, non_blank=True)
+    key = _group_key(_prompt_id(record, fields, where), prompt)
+    return Rollout(prompt, chosen, 1.0, 1, key, where), Rollout(prompt, rejected, 0.0, -1, key, where)
+
+
+def iter_documents(paths: Sequence[str], fields: RolloutFields = RolloutFields(),
+                   pairs: str = "none") -> Iterator[Rollout]:
+    """The documents a packed dataset holds, in order: one per rollout (``pairs="none"``), or
+    two per record, chosen then rejected (``"ground-truth"``: a rollout with its problem's
+    ``solution``; ``"given"``: a record with ``chosen`` and ``rejected`` responses)."""
+    if pairs == "none":
+        yield from iter_rollouts(paths, fields)
+        return
+    make_pair = {"ground-truth": _ground_truth_pair, "given": _given_pair}[pairs]
+    for record, where in iter_records(paths):
+        yield from make_pair(record, fields, where)

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {', '.join(METHODS)}")
     p.add_argument("--sweep-lr", action="store_true",
                    help="choose each method's lr on the validation split (slower)")
+    p.add_argument("--sweep-lrs", default=",".join(f"{lr:g}" for lr in d.sweep_lrs),
+                   help="comma-separated learning rates that --sweep-lr tries")
     p.add_argument("--rounds", type=int, default=1, choices=(1, 2),
                    help="2: iterative RIFT (new rollouts from the RIFT model, train again)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=d.tensor_parallel,
@@ -56,6 +58,17 @@ MINIATURE = dict(base_problems=600, train_problems=24, val_problems=8, test_prob
                  finetune_global_batch=32, micro_batch_size=16, max_new_tokens=64)
 
 
+def _parse_lrs(text: str) -> tuple[float, ...]:
+    try:
+        lrs = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SystemExit(f"megatron-rift demo: --sweep-lrs {text!r} is not a comma-separated list "
+                         "of numbers (e.g. 3e-5,1e-4,3e-4)") from None
+    if not lrs or any(not lr > 0 for lr in lrs):
+        raise SystemExit(f"megatron-rift demo: --sweep-lrs {text!r}: give one or more positive rates")
+    return lrs
+
+
 def config_from_args(args) -> DemoConfig:
     out = args.output_dir or f"demo_runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -63,7 +76,7 @@ def config_from_args(args) -> DemoConfig:
     if unknown:
         raise SystemExit(f"megatron-rift demo: unknown method(s) {unknown}; choose from {list(METHODS)}")
     cfg = DemoConfig(output_dir=out, seed=args.seed, problems_file=args.problems, methods=methods,
-                     sweep_lr=args.sweep_lr, rounds=args.rounds,
+                     sweep_lr=args.sweep_lr, sweep_lrs=_parse_lrs(args.sweep_lrs), rounds=args.rounds,
                      tensor_parallel=args.tensor_model_parallel_size,
                      samples_per_problem=args.samples_per_problem)
     if args.miniature:
@@ -72,7 +85,7 @@ def config_from_args(args) -> DemoConfig:
                  if getattr(args, f.name, None) is not None and f.name not in ("output_dir", "seed")}
     overrides.pop("methods", None)
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items()
-                                       if k not in ("problems_file", "sweep_lr", "rounds")})
+                                       if k not in ("problems_file", "sweep_lr", "sweep_lrs", "rounds")})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for seed in range(cfg.seed, cfg.seed + args.seeds):
             per_seed.append(DemoRun(cfg, seed, out / f"seed{seed}").run())
+            # Each seed's own record, so seeds run as separate jobs can be aggregated later.
+            (out / f"seed{seed}" / "run.json").write_text(json.dumps(per_seed[-1], indent=1) + "\n")
     except StageError as error:
         print(f"megatron-rift demo: {error}", file=sys.stderr)
         return 1

@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from megatron_rift.demo import stages
-from megatron_rift.demo.config import METHODS, SWEEP_LRS, DemoConfig
+from megatron_rift.demo.config import METHODS, REFERENCE_METHODS, SAME_LR_AS_RIFT, DemoConfig
 from megatron_rift.demo.task import Problem, generate_splits, load_problems_file, task_texts
 from megatron_rift.demo.tokenizer import train_demo_tokenizer
 from megatron_rift.evaluation import evaluate_files, results_dict
@@ -107,6 +107,9 @@ class DemoRun:
             rollouts = d / "rollouts" / "train.jsonl"
             stages.sample(base_hf, splits["train"], cfg, rollouts, seed=self.seed)
             data = self._pack_post_training(splits, rollouts, tok)
+            for name in sorted({METHODS[m][0] for m in methods if m in REFERENCE_METHODS}):
+                if data.get(name) is not None:  # the base scores them once (DPO/KTO reference)
+                    stages.compute_ref_logprobs(base_ckpt, data[name], cfg, d / "base")
             self._done(bar, "rollouts")
 
             self._stage(bar, "evaluate base")
@@ -117,7 +120,10 @@ class DemoRun:
             lrs = dict(cfg.method_lr)
             if cfg.sweep_lr:
                 self._stage(bar, "lr sweep (validation split)")
-                lrs.update(self._sweep(splits, data, base_ckpt, methods))
+                swept = [m for m in methods if m not in SAME_LR_AS_RIFT or "rift" not in methods]
+                lrs.update(self._sweep(splits, data, base_ckpt, swept))
+                if "rift" in lrs:
+                    lrs.update({m: lrs["rift"] for m in methods if m in SAME_LR_AS_RIFT})
                 self._done(bar, "lr sweep (validation split)")
 
             for method in methods:
@@ -140,9 +146,13 @@ class DemoRun:
         cfg, d = self.cfg, self.dir
         expert = stages.write_sft_records(splits["train"], d / "records" / "expert.jsonl", "expert")
         data = {"expert": d / "data" / "expert", "rollouts": d / "data" / "rollouts",
-                "positives": d / "data" / "positives"}
+                "positives": d / "data" / "positives", "pairs": d / "data" / "pairs"}
         stages.pack([expert], data["expert"], tok, cfg)
         trainable, empty = stages.drop_empty_responses(rollouts)
+        if any(METHODS[m][0] == "pairs" for m in cfg.methods):
+            paired = stages.write_pair_records(trainable, splits["train"],
+                                               d / "records" / "pairs.jsonl")
+            stages.pack_pairs([paired], data["pairs"], tok, cfg)
         self.data_stats = stages.pack([trainable], data["rollouts"], tok, cfg)
         self.data_stats["empty_responses_dropped"] = empty
         if self.data_stats.get("positive", 0) > 0:
@@ -169,7 +179,7 @@ class DemoRun:
             if data[METHODS[method][0]] is None:
                 continue
             scores = {}
-            for lr in SWEEP_LRS:
+            for lr in self.cfg.sweep_lrs:
                 folder = self.dir / "sweep" / f"{method}_lr{lr:g}"
                 result = self._finetune_and_evaluate(method, lr, data, base_ckpt, splits, folder,
                                                      eval_splits=("val",))

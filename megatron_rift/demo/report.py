@@ -98,7 +98,7 @@ def plot(out_dir: Path, summary: dict, k: int, seed_dir: Path) -> Path | None:
         if points:
             loss.plot([p[0] for p in points], [p[1] for p in points], label=method)
     loss.set_xlabel("step")
-    loss.set_ylabel("training loss (token mean)")
+    loss.set_ylabel("training loss (per token; dpo, simpo per pair; kto per sample)")
     loss.set_yscale("symlog", linthresh=1.0)
     loss.set_title("Fine-tuning loss (first seed)")
     loss.legend()

@@ -73,7 +73,8 @@ def pack(inputs: list[Path], prefix: Path, tokenizer_dir: Path, cfg: DemoConfig,
 def fit_batch(data_prefix: Path, global_batch: int, micro_batch: int) -> tuple[int, int]:
     """Shrink the global batch to the dataset when it is smaller than one batch (small user files,
     the miniature), keeping it a multiple of the micro-batch."""
-    num_samples = json.loads(Path(f"{data_prefix}.json").read_text())["rollouts"]
+    info = json.loads(Path(f"{data_prefix}.json").read_text())
+    num_samples = info["num_pairs"] if info.get("pairs") else info["rollouts"]  # units
     global_batch = max(1, min(global_batch, num_samples))
     micro_batch = min(micro_batch, global_batch)
     return global_batch - global_batch % micro_batch, micro_batch
@@ -114,6 +115,44 @@ def train(cfg: DemoConfig, data_prefix: Path, save: Path, objective: str, lr: fl
         cmd += ["--pretrained-checkpoint", str(pretrained)]
     _run(cmd, log_dir / "train.log", f"training ({objective})")
     return metrics
+
+
+def compute_ref_logprobs(ckpt: Path, data_prefix: Path, cfg: DemoConfig, log_dir: Path) -> None:
+    """The base model's log-probs over a packed dataset, once, for DPO/KTO (PREFIX.ref_logprobs)."""
+    launcher = [sys.executable]
+    if cfg.tensor_parallel > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone",
+                     f"--nproc_per_node={cfg.tensor_parallel}"]
+    cmd = launcher + [str(REPO / "tools" / "compute_ref_logprobs.py"), "--load", str(ckpt),
+                      "--data-path", str(data_prefix), "--seq-length", str(cfg.seq_length),
+                      "--micro-batch-size", str(cfg.micro_batch_size),
+                      "--tensor-model-parallel-size", str(cfg.tensor_parallel),
+                      "--overwrite", "--no-progress"]
+    _run(cmd, log_dir / f"ref_logprobs_{data_prefix.name}.log", f"reference log-probs of {data_prefix}")
+
+
+def write_pair_records(rollouts: Path, problems: list[Problem], path: Path) -> Path:
+    """The rollouts with their problem's expert solution as ``solution`` (packed with --pairs
+    ground-truth: the rollout is preferred when correct, the solution otherwise)."""
+    solutions = {p.prompt_id: p.expert_solution or p.solution for p in problems}
+    with open(rollouts, encoding="utf-8") as src, open(path, "w", encoding="utf-8") as dst:
+        for line in src:
+            record = json.loads(line)
+            if solutions.get(record["prompt_id"]):
+                record["solution"] = solutions[record["prompt_id"]]
+                dst.write(json.dumps(record) + "\n")
+    return path
+
+
+def pack_pairs(inputs: list[Path], prefix: Path, tokenizer_dir: Path, cfg: DemoConfig) -> dict:
+    from megatron_rift.data.packing import PackConfig, pack_rollouts
+
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    return pack_rollouts(PackConfig(
+        inputs=[str(p) for p in inputs], output_prefix=str(prefix), tokenizer=str(tokenizer_dir),
+        max_seq_length=cfg.seq_length, overlong="drop", pairs="ground-truth",
+        positive_reward=cfg.positive_reward, negative_reward=cfg.negative_reward,
+        overwrite=True, seed=cfg.seed, progress=False))
 
 
 def export_hf(ckpt: Path, out: Path, log_dir: Path) -> Path:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 
 # Kept in sync with megatron_rift.losses (importing it would import torch); a test checks equality.
-OBJECTIVES = ("sft", "dft", "rft", "rift", "naive")
+OBJECTIVES = ("sft", "dft", "rft", "rift", "naive", "dpo", "kto", "simpo")
+PREFERENCE_OBJECTIVES = ("dpo", "kto", "simpo")
+REFERENCE_MODES = ("precomputed", "online")
 NEGATIVE_MODES = ("token", "sequence", "geometric")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_data_and_objective(parser)
+    _add_preference(parser)
     _add_parallel_and_batch(parser)
     _add_optimizer(parser)
     _add_precision(parser)
@@ -55,6 +58,23 @@ def _add_data_and_objective(parser):
                         "(block-causal attention; TE uses the THD packed format)")
     g.add_argument("--no-shuffle", action="store_true",
                    help="read the dataset in order instead of a seeded shuffle per epoch")
+
+
+def _add_preference(parser):
+    g = parser.add_argument_group(
+        "preference baselines (dpo, kto, simpo); batch sizes count pairs (dpo, simpo) or "
+        "samples (kto), each trained together with its partner sequence")
+    g.add_argument("--beta", type=float, default=None,
+                   help="inverse temperature (default: dpo/kto 0.1, simpo 2.0)")
+    g.add_argument("--simpo-gamma", type=float, default=1.0, help="SimPO target reward margin")
+    g.add_argument("--kto-desirable-weight", type=float, default=1.0, help="KTO lambda_D")
+    g.add_argument("--kto-undesirable-weight", type=float, default=1.0, help="KTO lambda_U")
+    g.add_argument("--reference", choices=REFERENCE_MODES, default="precomputed",
+                   help="dpo/kto reference log-probs: read from --ref-logprobs (written once by "
+                        "tools/compute_ref_logprobs.py; memory as SFT), or computed by a frozen "
+                        "copy of the starting model kept in memory (PP=1 only)")
+    g.add_argument("--ref-logprobs", default=None, metavar="PATH",
+                   help="precomputed reference log-probs (default: DATA_PATH.ref_logprobs)")
 
 
 def _add_parallel_and_batch(parser):

@@ -21,10 +21,11 @@ from megatron_rift.training.checkpoint_state import (
     run_flags_record,
     save_training_checkpoint,
 )
-from megatron_rift.training.data import TrainingData, resolve_seq_length
+from megatron_rift.data.dataset import RewardDataset
+from megatron_rift.training.data import TrainingData, preference_units, resolve_seq_length
 from megatron_rift.training.logging import MetricsLogger
-from megatron_rift.training.setup import resolve_use_te, setup_training
-from megatron_rift.training.step import make_forward_step, train_step
+from megatron_rift.training.setup import build_reference_model, resolve_use_te, setup_training
+from megatron_rift.training.step import make_forward_step, preference_settings, train_step
 from megatron_rift.training.validation import RunPlan
 
 
@@ -40,6 +41,7 @@ def run_training(args, plan: RunPlan) -> dict:
     # Still before any process group (every rank alike): a rollout longer than --seq-length, or a
     # checkpoint this TP cannot load, ends the run with a message instead of a hang.
     seq_length = resolve_seq_length(args)
+    preference_units(args, RewardDataset(args.data_path))  # pairs layout, reference log-probs
     check_vocab_padding(plan, GPTArchitecture(**plan.arch_fields))
     init_distributed(plan.tensor_parallel, plan.pipeline_parallel, args.seed)
     try:
@@ -59,7 +61,7 @@ def _train(args, plan: RunPlan, seq_length: int) -> dict:
     is_logger = rank == 0
     log = (lambda msg: print(msg, flush=True)) if is_logger else (lambda msg: None)
     log(f"megatron-rift train: objective {args.objective}, {plan.train_iters} steps of "
-        f"{args.global_batch_size} rollouts, lr {plan.lr:g} ({args.lr_decay_style}, "
+        f"{args.global_batch_size} {'rollouts' if data.units is None else 'units'}, lr {plan.lr:g} ({args.lr_decay_style}, "
         f"{plan.warmup_iters} warmup), TP={plan.tensor_parallel} PP={plan.pipeline_parallel} "
         f"DP={plan.data_parallel}, seq {data.seq_length}, model from {plan.arch_source}, "
         f"{'Transformer Engine' if components.use_te else 'local'} layers")
@@ -67,8 +69,12 @@ def _train(args, plan: RunPlan, seq_length: int) -> dict:
     run_flags = run_flags_record(args)
     logger = MetricsLogger(args, plan.train_iters, start_iteration, enabled=is_logger,
                            run_config=run_flags)
+    reference_model = None
+    if data.units is not None and args.objective != "simpo" and args.reference == "online":
+        reference_model = build_reference_model(args, plan, components)
+        log("reference: a frozen copy of the starting model, scored online")
     forward_step = make_forward_step(args.objective, args.negative_mode, args.sequence_packing,
-                                     components.use_te)
+                                     components.use_te, preference_settings(args), reference_model)
     model_source = plan.start_dir
     record: dict = {}
     if start_iteration >= plan.train_iters:
@@ -80,7 +86,7 @@ def _train(args, plan: RunPlan, seq_length: int) -> dict:
             epoch, _ = data.position()
             micro_batches, global_tokens = data.next_step()
             values = train_step(components, micro_batches, get_num_microbatches(),
-                                data.seq_length, args.micro_batch_size, forward_step)
+                                data.seq_length, data.rows_per_micro_batch, forward_step)
             elapsed = time.perf_counter() - started
             record = {"step": iteration, **values, "tokens": global_tokens,
                       "tokens_per_s": global_tokens / elapsed, "step_time_s": elapsed,

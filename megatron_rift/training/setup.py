@@ -135,3 +135,38 @@ def setup_training(args: argparse.Namespace, plan: RunPlan) -> TrainingComponent
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
     return TrainingComponents(model, optimizer, scheduler, config, arch, use_te)
+
+
+def reference_source(args: argparse.Namespace, plan: RunPlan) -> str:
+    """The checkpoint whose weights are the online reference: the model fine-tuning started from."""
+    from pathlib import Path
+
+    if args.pretrained_checkpoint:
+        return args.pretrained_checkpoint
+    if plan.start == "finetune":
+        root = Path(plan.start_dir)
+        return str(root if plan.start_iteration == "release" else
+                   root / f"iter_{int(plan.start_iteration):07d}")
+    raise RuntimeError("no starting model to use as the reference (checked in validation)")
+
+
+def build_frozen_model(arch: GPTArchitecture, config, use_te: bool, checkpoint: str):
+    """A model for scoring only: the trainer's layers and parallel layout, weights loaded from
+    ``checkpoint`` (root or iteration folder), eval mode, no gradients, no DDP, no optimizer."""
+    from megatron_rift.checkpointing import load_model_weights
+
+    model = build_gpt_model(arch, config, use_te=use_te)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    if config.fp16 or config.bf16:
+        model = Float16Module(config, model)
+    load_model_weights(checkpoint, model)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def build_reference_model(args: argparse.Namespace, plan: RunPlan, components: TrainingComponents):
+    """``--reference online``: a frozen copy of the model fine-tuning started from."""
+    return build_frozen_model(components.arch, components.config, components.use_te,
+                              reference_source(args, plan))

@@ -16,7 +16,14 @@ from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_rift.losses import make_loss_func
+from megatron_rift.losses import (
+    DEFAULT_BETA,
+    PREFERENCE_OBJECTIVES,
+    PreferenceSettings,
+    make_loss_func,
+    make_preference_loss_func,
+    sequence_logprobs,
+)
 
 
 def packed_seq_params_for_te(segment_ids: torch.Tensor) -> PackedSeqParams:
@@ -32,9 +39,23 @@ def packed_seq_params_for_te(segment_ids: torch.Tensor) -> PackedSeqParams:
                            max_seqlen_q=max_len, max_seqlen_kv=max_len)
 
 
-def make_forward_step(objective: str, negative_mode: str, packed: bool, use_te: bool):
-    """The ``forward_step_func`` for Megatron's ``forward_backward_func``."""
+def preference_settings(args) -> PreferenceSettings:
+    beta = args.beta if args.beta is not None else DEFAULT_BETA.get(args.objective, 0.1)
+    return PreferenceSettings(beta=beta, simpo_gamma=args.simpo_gamma,
+                              desirable_weight=args.kto_desirable_weight,
+                              undesirable_weight=args.kto_undesirable_weight)
+
+
+def make_forward_step(objective: str, negative_mode: str, packed: bool, use_te: bool,
+                      preference: PreferenceSettings | None = None, reference_model=None):
+    """The ``forward_step_func`` for Megatron's ``forward_backward_func``.
+
+    Preference objectives read ``roles`` (and ``ref_logprobs``, when precomputed) from the batch;
+    with ``reference_model`` (``--reference online``) the frozen model scores the same
+    micro-batch under ``no_grad`` instead.
+    """
     on_gpu = torch.cuda.is_available()
+    is_preference = objective in PREFERENCE_OBJECTIVES
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -42,9 +63,9 @@ def make_forward_step(objective: str, negative_mode: str, packed: bool, use_te: 
             batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
         tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
         position_ids, attention_mask = batch["position_ids"], batch.get("attention_mask")
-        packed_seq_params, segment_ids = None, None
+        packed_seq_params, segment_ids = None, batch["segment_ids"] if packed or is_preference else None
         if packed:
-            rewards, segment_ids = batch["token_rewards"], batch["segment_ids"]
+            rewards = batch["token_rewards"]
             if use_te:  # one flattened THD row; the loss terms are per token so shapes follow
                 packed_seq_params = packed_seq_params_for_te(segment_ids)
                 tokens, labels, position_ids = (t.reshape(1, -1) for t in
@@ -55,7 +76,16 @@ def make_forward_step(objective: str, negative_mode: str, packed: bool, use_te: 
             rewards = batch["rewards"]
         output = model(tokens, position_ids, attention_mask, labels=labels,
                        packed_seq_params=packed_seq_params)
-        return output, make_loss_func(loss_mask, rewards, objective, negative_mode, segment_ids)
+        if not is_preference:
+            return output, make_loss_func(loss_mask, rewards, objective, negative_mode, segment_ids)
+        roles, ref_logprobs = batch["roles"], batch.get("ref_logprobs")
+        if reference_model is not None:
+            with torch.no_grad():
+                ref_ce = reference_model(tokens, position_ids, attention_mask, labels=labels,
+                                         packed_seq_params=packed_seq_params)
+                ref_logprobs = sequence_logprobs(ref_ce, loss_mask, segment_ids, roles.numel())[0]
+        return output, make_preference_loss_func(loss_mask, segment_ids, roles, ref_logprobs,
+                                                 objective, preference)
 
     return forward_step
 

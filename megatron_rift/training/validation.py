@@ -16,13 +16,14 @@ import math
 import os
 from pathlib import Path
 
-from megatron_rift.training.arguments import ARCH_FLAGS, OBJECTIVES
+from megatron_rift.training.arguments import ARCH_FLAGS, OBJECTIVES, PREFERENCE_OBJECTIVES
 
 # Same names as megatron_rift.checkpointing / megatron_rift.model.config (not imported here:
 # they import Megatron). tests/test_train_validation.py checks they agree.
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MODEL_CONFIG_FILE = "model_config.json"
-DEFAULT_LR = {"sft": 1e-5, "dft": 1e-5, "rft": 1e-5, "rift": 2e-6, "naive": 2e-6}
+DEFAULT_LR = {"sft": 1e-5, "dft": 1e-5, "rft": 1e-5, "rift": 2e-6, "naive": 2e-6, "dpo": 2e-6,
+              "kto": 2e-6, "simpo": 2e-6}
 DATA_SUFFIXES = (".bin", ".idx", ".rewards.npy", ".json")
 
 
@@ -237,6 +238,35 @@ def _schedule(args, num_samples: int, world: str) -> tuple[int, int, int]:
     return iters, warmup, decay
 
 
+def _training_units(args, info: dict, pp: int, start: str) -> tuple[int, str]:
+    """How many units the sampler draws from, and their name: rollouts, pairs or samples."""
+    if args.objective not in PREFERENCE_OBJECTIVES:
+        return int(info["rollouts"]), "rollouts"
+    if args.objective in ("dpo", "kto") and args.reference == "online":
+        if pp > 1:
+            _fail("--reference online keeps a frozen copy of the model next to the policy and "
+                  "runs it inside each micro-batch, which needs the whole model on each rank: "
+                  "use --pipeline-model-parallel-size 1, or --reference precomputed")
+        if start == "scratch" or (start == "resume" and not args.pretrained_checkpoint):
+            _fail("--reference online freezes the model fine-tuning started from: give it with "
+                  "--pretrained-checkpoint (also when resuming from --load)")
+    if args.beta is not None and not args.beta > 0:
+        _fail(f"--beta must be positive, got {args.beta}")
+    if args.kto_desirable_weight < 0 or args.kto_undesirable_weight < 0:
+        _fail("--kto-desirable-weight and --kto-undesirable-weight must be >= 0")
+    if args.objective in ("dpo", "simpo"):
+        if not info.get("pairs"):
+            _fail(f"--objective {args.objective} trains on (chosen, rejected) pairs, but "
+                  f"{args.data_path} is a plain rollout dataset: pack it with "
+                  "tools/pack_rollouts.py --pairs ground-truth (rollouts with a 'solution' field) "
+                  "or --pairs given (records with chosen/rejected)")
+        return int(info["num_pairs"]), "pairs"
+    import numpy as np  # kto: samples with a non-zero training reward
+
+    rewards = np.load(args.data_path + ".rewards.npy", mmap_mode="r")["reward"]
+    return int(np.count_nonzero(rewards)), "samples with a non-zero reward"
+
+
 def resolve_plan(args: argparse.Namespace, world_size: int) -> RunPlan:
     """Validate ``args`` for ``world_size`` processes; raise :class:`ConfigError` on the first
     problem. Reads only small files (PREFIX.json, model_config.json, tracker files)."""
@@ -253,8 +283,8 @@ def resolve_plan(args: argparse.Namespace, world_size: int) -> RunPlan:
     dataset_vocab = int(info["tokenizer"]["vocab_size"])
     fields, source = _architecture(args, dataset_vocab, start_dir)
     _check_architecture(fields, tp, pp, dataset_vocab, source)
-    num_samples = int(info["rollouts"])
-    iters, warmup, decay = _schedule(args, num_samples, f"{num_samples} rollouts")
+    num_samples, unit = _training_units(args, info, pp, start)
+    iters, warmup, decay = _schedule(args, num_samples, f"{num_samples} {unit}")
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.objective]
     if args.min_lr > lr:
         _fail(f"--min-lr {args.min_lr} is above the peak lr {lr}")

@@ -4,7 +4,7 @@
 import torch
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_rift.losses import OBJECTIVES, compute_loss
+from megatron_rift.losses import TOKEN_OBJECTIVES as OBJECTIVES, compute_loss
 from megatron_rift.parallel import destroy_distributed, init_distributed
 from tests.loss_reference import reference_loss
 from tests.torchrun_utils import world_size_from_env_or_1, write_rank_result

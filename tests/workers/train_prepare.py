@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.workers.train_data import build_rollout_dataset  # noqa: E402
+from tests.workers.train_data import build_pairs_dataset, build_rollout_dataset  # noqa: E402
 
 # vocab 512 pads to 512 at TP=1 and TP=2 (make-vocab-size-divisible-by 128).
 TINY_ARCH = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
@@ -41,10 +41,11 @@ def build_release_checkpoint(root: Path, **overrides) -> None:
 def main(out: str) -> None:
     out = Path(out)
     prefix = build_rollout_dataset(out / "data", num_problems=12, rollouts_per_problem=4)
+    pairs = build_pairs_dataset(out / "pairs")
     build_release_checkpoint(out / "release_model")
     # Vocabulary 100 pads to 128 rows at TP=1 but 256 at TP=2: a TP this checkpoint cannot load.
     build_release_checkpoint(out / "release_vocab100", vocab_size=100)
-    print(json.dumps({"data": prefix, "release": str(out / "release_model"),
+    print(json.dumps({"data": prefix, "pairs": pairs, "release": str(out / "release_model"),
                       "release_vocab100": str(out / "release_vocab100")}))
 
 

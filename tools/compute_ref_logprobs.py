@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Score a packed dataset once with a frozen reference model: DPO/KTO then train at SFT's memory.
+
+    torchrun --nproc-per-node 8 tools/compute_ref_logprobs.py --load ckpt/base \
+        --data-path data/math_pairs --tensor-model-parallel-size 2 --bf16
+
+Writes PREFIX.ref_logprobs.npy (per document: response log-prob sum and token count, and the same
+for its KTO mismatched sample) and PREFIX.ref_logprobs.json (the dataset's fingerprint, the
+reference checkpoint). The trainer (--objective dpo/kto, --reference precomputed) reads them and
+refuses a file computed for another dataset. Model flags are the trainer's: the architecture comes
+from the checkpoint's model_config.json. Exit status 2 on bad input, on every rank.
+"""
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--load", required=True,
+                   help="reference checkpoint root (converted or trained) or iteration folder")
+    p.add_argument("--data-path", required=True, metavar="PREFIX", help="packed dataset")
+    p.add_argument("--output", default=None, metavar="PATH",
+                   help="output prefix (default: PREFIX.ref_logprobs, where the trainer looks)")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="tokens per row (default: the longest document, rounded up to 16)")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true")
+    precision.add_argument("--fp16", action="store_true")
+    p.add_argument("--transformer-impl", choices=("auto", "transformer_engine", "local"),
+                   default="auto")
+    p.add_argument("--skip-kl-samples", action="store_true",
+                   help="score only the documents (enough for dpo; kto also needs the "
+                        "mismatched samples, which double the work)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing reference log-probs")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _error(message: str) -> int:
+    rank = os.environ.get("RANK", "0")
+    print(f"compute_ref_logprobs: error (rank {rank}): {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def trainer_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """The trainer's flags for the same model and layout (its validation and model code)."""
+    from megatron_rift.training.arguments import parse_args as parse_trainer_args
+
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    dp = max(1, world_size // model_parallel) if world_size % model_parallel == 0 else 1
+    argv = ["--data-path", args.data_path, "--pretrained-checkpoint", args.load,
+            "--objective", "sft", "--train-iters", "1", "--micro-batch-size", "1",
+            "--global-batch-size", str(dp),
+            "--tensor-model-parallel-size", str(args.tensor_model_parallel_size),
+            "--pipeline-model-parallel-size", str(args.pipeline_model_parallel_size),
+            "--transformer-impl", args.transformer_impl]
+    argv += ["--seq-length", str(args.seq_length)] if args.seq_length else []
+    argv += ["--bf16"] if args.bf16 else ["--fp16"] if args.fp16 else []
+    return parse_trainer_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron_rift.data.preference import ref_paths
+    from megatron_rift.training.validation import ConfigError, resolve_plan
+
+    args.output = args.output or ref_paths(args.data_path)["npy"][:-len(".npy")]
+    if args.micro_batch_size < 1:
+        return _error("--micro-batch-size must be at least 1")
+    existing = [p for p in (args.output + ".npy", args.output + ".json") if os.path.exists(p)]
+    if existing and not args.overwrite:
+        return _error(f"{', '.join(existing)} already exist(s); pass --overwrite to replace them")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        targs = trainer_args(args, world_size)
+        plan = resolve_plan(targs, world_size)
+    except ConfigError as err:
+        return _error(str(err))
+    # The scoring settings (the plan above only needed the model and the layout).
+    for name in ("micro_batch_size", "output", "skip_kl_samples", "no_progress", "load"):
+        setattr(targs, name, getattr(args, name))
+    # Heavy imports only once the configuration is good.
+    from megatron_rift.parallel import destroy_distributed, init_distributed
+    from megatron_rift.reference import compute_reference_logprobs
+    from megatron_rift.training.data import resolve_seq_length
+
+    try:
+        seq_length = resolve_seq_length(targs)
+    except ConfigError as err:
+        return _error(str(err))
+    init_distributed(plan.tensor_parallel, plan.pipeline_parallel, 1234)
+    try:
+        summary = compute_reference_logprobs(targs, plan, seq_length)
+    finally:
+        destroy_distributed()
+    if summary is not None:
+        print(f"wrote {args.output}.npy and .json: {summary['documents']} documents"
+              f"{' (+ KTO mismatched samples)' if summary['kl_samples'] else ''} in "
+              f"{summary['seconds']} s, mean log-prob per token {summary['mean_logprob_per_token']:.4f}")
+    return 0
+
+
+# dist_checkpointing may start a spawn-context process that re-imports __main__.
+if __name__ == "__main__":
+    sys.exit(main())
