@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_rift.demo.config import METHODS, DemoConfig
+from megatron_rift.demo.config import DEFAULT_METHODS, METHODS, DemoConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problems", default=None, metavar="FILE.jsonl",
                    help="your own problems: records with question, answer, optional solution, and "
                         "split in {train, val, test, ood}")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated subset of {', '.join(METHODS)}, or 'all'")
     p.add_argument("--sweep-lr", action="store_true",
                    help="choose each method's lr on the validation split (slower)")
     p.add_argument("--sweep-lrs", default=",".join(f"{lr:g}" for lr in d.sweep_lrs),
@@ -71,7 +71,8 @@ def _parse_lrs(text: str) -> tuple[float, ...]:
 
 def config_from_args(args) -> DemoConfig:
     out = args.output_dir or f"demo_runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    methods = (tuple(METHODS) if args.methods.strip() == "all" else
+               tuple(m.strip() for m in args.methods.split(",") if m.strip()))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"megatron-rift demo: unknown method(s) {unknown}; choose from {list(METHODS)}")

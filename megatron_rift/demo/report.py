@@ -29,14 +29,36 @@ def aggregate(per_seed: list[dict], k: int) -> dict:
                 entry[f"{name}@{k}_std"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
                 entry[f"{name}@{k}_per_seed"] = [round(v, 2) for v in values]
             out[method][split] = entry
+    _add_change_from_base(out, k)
     return out
 
 
+def _add_change_from_base(out: dict, k: int) -> None:
+    """Each method's Mean@k minus the base's, seed by seed, then mean ± std: the base's own spread
+    over seeds (large on the built-in task) cancels in the difference."""
+    base = out.get("base", {})
+    for method, splits in out.items():
+        for split, entry in splits.items():
+            reference = base.get(split, {}).get(f"mean@{k}_per_seed")
+            values = entry[f"mean@{k}_per_seed"]
+            if method == "base" or not reference or len(reference) != len(values):
+                continue
+            deltas = [v - b for v, b in zip(values, reference)]
+            entry[f"mean@{k}_change_from_base"] = round(statistics.fmean(deltas), 2)
+            entry[f"mean@{k}_change_from_base_std"] = (round(statistics.stdev(deltas), 2)
+                                                       if len(deltas) > 1 else 0.0)
+
+
 def markdown(summary: dict, k: int, num_seeds: int) -> str:
+    """Mean@k / Pass@k per split (± std over seeds); with several seeds also each split's Mean@k
+    change from the base, paired by seed."""
     splits = [s for s in SPLIT_LABELS if any(s in v for v in summary.values())]
-    head = " | ".join(f"{SPLIT_LABELS[s]} Mean@{k} | {SPLIT_LABELS[s]} Pass@{k}" for s in splits)
-    lines = [f"| method | {head} |", "|---|" + "---:|" * (2 * len(splits))]
     pm = num_seeds > 1
+    head = " | ".join(f"{SPLIT_LABELS[s]} Mean@{k} | {SPLIT_LABELS[s]} Pass@{k}" for s in splits)
+    if pm:
+        head += " | " + " | ".join(f"{SPLIT_LABELS[s]} Mean@{k} − base" for s in splits)
+    columns = (3 if pm else 2) * len(splits)
+    lines = [f"| method | {head} |", "|---|" + "---:|" * columns]
     for method, per_split in summary.items():
         cells = []
         for s in splits:
@@ -47,6 +69,12 @@ def markdown(summary: dict, k: int, num_seeds: int) -> str:
                 else:
                     value = f"{e[f'{name}@{k}']:.1f}"
                     cells.append(value + (f" ± {e[f'{name}@{k}_std']:.1f}" if pm else ""))
+        if pm:
+            for s in splits:
+                e = per_split.get(s) or {}
+                change = e.get(f"mean@{k}_change_from_base")
+                cells.append("-" if change is None else
+                             f"{change:+.1f} ± {e[f'mean@{k}_change_from_base_std']:.1f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
