@@ -33,7 +33,7 @@ def _read_jsonl(path):
 @pytest.mark.slow
 def test_miniature_pipeline_writes_consistent_results(tmp_path):
     out = tmp_path / "demo"
-    proc = _demo(["--output-dir", str(out), "--methods", "rft,rift,naive,dpo,kto"], tmp_path)
+    proc = _demo(["--output-dir", str(out), "--methods", "rft,rift,dpo,kto"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     seed = out / "seed0"
 
@@ -69,7 +69,7 @@ def test_miniature_pipeline_writes_consistent_results(tmp_path):
     # scores recomputed here from the scored generations.
     results = json.loads((out / "results.json").read_text())
     methods = results["methods"]
-    expected = {"base", "rift", "naive", "dpo", "kto"} | ({"rft"} if stats["positive"] else set())
+    expected = {"base", "rift", "dpo", "kto"} | ({"rft"} if stats["positive"] else set())
     assert set(methods) == expected
     for method, splits in methods.items():
         assert set(splits) == {"test", "ood"}
