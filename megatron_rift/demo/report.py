@@ -112,15 +112,26 @@ def plot(out_dir: Path, summary: dict, k: int, seed_dir: Path) -> Path | None:
     methods = list(summary)
     splits = [s for s in SPLIT_LABELS if any(s in v for v in summary.values())]
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    # With several seeds the bases differ, so the change from the same seed's base is what compares.
+    paired = any(f"mean@{k}_change_from_base" in e for v in summary.values() for e in v.values())
+    if paired:
+        methods = [m for m in methods if m != "base"]
+    key = f"mean@{k}_change_from_base" if paired else f"mean@{k}"
     width = 0.8 / max(1, len(splits))
     for i, split in enumerate(splits):
-        values = [summary[m].get(split, {}).get(f"mean@{k}", 0.0) for m in methods]
-        errors = [summary[m].get(split, {}).get(f"mean@{k}_std", 0.0) for m in methods]
+        values = [summary[m].get(split, {}).get(key, 0.0) for m in methods]
+        errors = [summary[m].get(split, {}).get(f"{key}_std" if paired else f"mean@{k}_std", 0.0)
+                  for m in methods]
         xs = [j + (i - (len(splits) - 1) / 2) * width for j in range(len(methods))]
         acc.bar(xs, values, width, yerr=errors, capsize=3, label=SPLIT_LABELS[split])
     acc.set_xticks(range(len(methods)), methods, rotation=20)
-    acc.set_ylabel(f"Mean@{k} (%)")
-    acc.set_title("Accuracy per method")
+    if paired:
+        acc.axhline(0, color="black", linewidth=0.8)
+        acc.set_ylabel(f"Mean@{k} − base of the same seed (points)")
+        acc.set_title("Change from the base (mean ± std over seeds)")
+    else:
+        acc.set_ylabel(f"Mean@{k} (%)")
+        acc.set_title("Accuracy per method")
     acc.legend()
     for method, points in _loss_curves(seed_dir).items():
         if points:
