@@ -136,3 +136,22 @@ def test_reference_logprobs_of_another_dataset_are_refused(data, tmp_path):
 def test_dpo_on_a_plain_rollout_dataset_is_refused(data):
     with pytest.raises(ConfigError, match="--pairs ground-truth"):
         TrainingData(_args(data["rollouts"], "dpo", reference="online"), 32, 0, 1, use_te=False)
+
+
+def test_reference_tool_bad_input_exits_2_before_any_work(data, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.torchrun_utils import REPO
+
+    def tool(*args):
+        return subprocess.run([sys.executable, str(REPO / "tools/compute_ref_logprobs.py"), *args],
+                              capture_output=True, text=True, timeout=120, cwd=str(REPO))
+
+    missing = tool("--load", str(tmp_path / "nowhere"), "--data-path", data["pairs"],
+                   "--output", str(tmp_path / "ref"))
+    assert missing.returncode == 2 and f"--load {tmp_path / 'nowhere'}" in missing.stderr
+    (tmp_path / "ref.npy").write_bytes(b"keep me")
+    exists = tool("--load", str(tmp_path), "--data-path", data["pairs"], "--output", str(tmp_path / "ref"))
+    assert exists.returncode == 2 and "--overwrite" in exists.stderr
+    assert (tmp_path / "ref.npy").read_bytes() == b"keep me"  # nothing overwritten

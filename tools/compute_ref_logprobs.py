@@ -80,8 +80,8 @@ def main(argv=None) -> int:
     try:
         targs = trainer_args(args, world_size)
         plan = resolve_plan(targs, world_size)
-    except ConfigError as err:
-        return _error(str(err))
+    except ConfigError as err:  # in the trainer's words; --load here is its --pretrained-checkpoint
+        return _error(str(err).replace("--pretrained-checkpoint", "--load"))
     # The scoring settings (the plan above only needed the model and the layout).
     for name in ("micro_batch_size", "output", "skip_kl_samples", "no_progress", "load"):
         setattr(targs, name, getattr(args, name))
