@@ -1,8 +1,9 @@
 """``megatron-rift demo``: RIFT against its baselines, end to end, on a laptop-sized CPU machine.
 
 Runs the whole pipeline with the project's own tools (task -> tokenizer -> tiny Megatron GPT base ->
-K rollouts -> packing -> SFT/DFT/RFT/RIFT/naive/DPO (KTO, SimPO with --methods all) fine-tuning -> HF export -> Mean@K/Pass@K) and writes
-``results.json``, ``results.md`` and ``results.png`` into the output folder.
+K rollouts -> packing -> SFT/DFT/RFT/RIFT/naive/DPO fine-tuning (KTO and SimPO with --methods all)
+-> HF export -> Mean@K/Pass@K) and writes ``results.json``, ``results.md`` and ``results.png`` into
+the output folder.
 """
 
 from __future__ import annotations
