@@ -129,22 +129,12 @@ def preference_batch(batch, objective, ref_logprobs=None):
 
 
 def build_frozen_reference(components):
-    """The frozen reference of ``--reference online``, built like ``setup.build_reference_model``
-    but with the policy's current weights copied in (the benchmark has no checkpoint to load)."""
-    from megatron.core.transformer.module import Float16Module
+    """The frozen reference of ``--reference online`` (``setup.build_frozen_model``), with the
+    policy's current weights copied in: the benchmark has no checkpoint to load."""
+    from megatron_rift.training.setup import build_frozen_model
 
-    from megatron_rift.model import build_gpt_model
-
-    config = components.config
-    model = build_gpt_model(components.arch, config, use_te=components.use_te)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    if config.fp16 or config.bf16:
-        model = Float16Module(config, model)
-    model.load_state_dict(components.model[0].module.state_dict())  # DDP -> its wrapped module
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return build_frozen_model(components.arch, components.config, components.use_te,
+                              state_dict=components.model[0].module.state_dict())
 
 
 def reference_logprobs(reference, batch):

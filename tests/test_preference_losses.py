@@ -12,14 +12,11 @@ from megatron_rift.losses import (CHOSEN, KL_SAMPLE, PREFERENCE_OBJECTIVES, REJE
                                   PreferenceSettings, compute_preference_loss, sequence_logprobs)
 from tests.preference_reference import (reference_preference_loss, sample_logprobs,
                                         samples_from_segments)
+from tests.test_losses import _ce
 from tests.torchrun_utils import REPO, read_rank_results, run_torchrun
 
 WORKERS = REPO / "tests" / "workers"
 NUM_CASES = 7  # CASES in preference_parity_worker.py
-
-
-def _ce(logits, labels):
-    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
 
 
 @pytest.mark.distributed

@@ -79,15 +79,17 @@ class TrainingData:
     """
 
     def __init__(self, args: argparse.Namespace, seq_length: int, dp_rank: int, dp_size: int,
-                 use_te: bool):
-        self.dataset = RewardDataset(args.data_path)
+                 use_te: bool, dataset: RewardDataset | None = None, units=None):
+        # ``dataset`` and ``units`` may come from the trainer's pre-flight check (opened and
+        # verified once); otherwise they are opened here.
+        self.dataset = dataset if dataset is not None else RewardDataset(args.data_path)
         self.seq_length = seq_length
         self.micro_batch_size = args.micro_batch_size
         self.pack = args.sequence_packing
         # Packed rows need block-causal attention: an explicit mask for the local (SDPA) spec;
         # TE reads segment boundaries (THD format) instead, built in step.py.
         self.attention_mask = self.pack and not use_te
-        self.units = preference_units(args, self.dataset)
+        self.units = units if units is not None else preference_units(args, self.dataset)
         self.rows_per_micro_batch = args.micro_batch_size * (1 if self.units is None else 2)
         num_units = len(self.dataset) if self.units is None else len(self.units)
         self.sampler = GlobalBatchSampler(

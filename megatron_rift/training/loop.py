@@ -41,22 +41,24 @@ def run_training(args, plan: RunPlan) -> dict:
     # Still before any process group (every rank alike): a rollout longer than --seq-length, or a
     # checkpoint this TP cannot load, ends the run with a message instead of a hang.
     seq_length = resolve_seq_length(args)
-    preference_units(args, RewardDataset(args.data_path))  # pairs layout, reference log-probs
+    dataset = RewardDataset(args.data_path)
+    units = preference_units(args, dataset)  # pairs layout, reference log-probs: checked once
     check_vocab_padding(plan, GPTArchitecture(**plan.arch_fields))
     init_distributed(plan.tensor_parallel, plan.pipeline_parallel, args.seed)
     try:
-        return _train(args, plan, seq_length)
+        return _train(args, plan, seq_length, dataset, units)
     finally:
         destroy_num_microbatches_calculator()
         destroy_distributed()
 
 
-def _train(args, plan: RunPlan, seq_length: int) -> dict:
+def _train(args, plan: RunPlan, seq_length: int, dataset, units) -> dict:
     rank = dist.get_rank()
     init_num_microbatches_calculator(rank, None, args.global_batch_size, args.micro_batch_size,
                                      parallel_state.get_data_parallel_world_size())
     data = TrainingData(args, seq_length, parallel_state.get_data_parallel_rank(),
-                        parallel_state.get_data_parallel_world_size(), resolve_use_te(args))
+                        parallel_state.get_data_parallel_world_size(), resolve_use_te(args),
+                        dataset=dataset, units=units)
     components = setup_training(args, plan)
     is_logger = rank == 0
     log = (lambda msg: print(msg, flush=True)) if is_logger else (lambda msg: None)

@@ -150,9 +150,10 @@ def reference_source(args: argparse.Namespace, plan: RunPlan) -> str:
     raise RuntimeError("no starting model to use as the reference (checked in validation)")
 
 
-def build_frozen_model(arch: GPTArchitecture, config, use_te: bool, checkpoint: str):
-    """A model for scoring only: the trainer's layers and parallel layout, weights loaded from
-    ``checkpoint`` (root or iteration folder), eval mode, no gradients, no DDP, no optimizer."""
+def build_frozen_model(arch: GPTArchitecture, config, use_te: bool, checkpoint: str | None = None,
+                       state_dict: dict | None = None):
+    """A model for scoring only: the trainer's layers and parallel layout, eval mode, no gradients,
+    no DDP, no optimizer. Weights from ``checkpoint`` (root or iteration folder) or ``state_dict``."""
     from megatron_rift.checkpointing import load_model_weights
 
     model = build_gpt_model(arch, config, use_te=use_te)
@@ -160,7 +161,10 @@ def build_frozen_model(arch: GPTArchitecture, config, use_te: bool, checkpoint: 
         model.cuda(torch.cuda.current_device())
     if config.fp16 or config.bf16:
         model = Float16Module(config, model)
-    load_model_weights(checkpoint, model)
+    if checkpoint is not None:
+        load_model_weights(checkpoint, model)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
     model.eval()
     model.requires_grad_(False)
     return model
