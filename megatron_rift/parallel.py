@@ -37,22 +37,34 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
     if not dist.is_initialized():
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        kwargs = {}
-        if "MASTER_ADDR" not in os.environ:
-            # A plain `python` launch: a world of one on a free port, passed explicitly rather than
-            # written into os.environ, where child processes would inherit a port that is in use.
-            kwargs = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-        dist.init_process_group(
-            backend="nccl" if on_gpu else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-            **kwargs,
-        )
+        _init_process_group("nccl" if on_gpu else "gloo", timeout_minutes)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
         )
     set_seed(seed)
+
+
+def ensure_process_group(timeout_minutes: float = 10.0) -> None:
+    """torch.distributed alone, on gloo: no Megatron parallel state and no CPU remap (idempotent).
+
+    For code that only reads a distributed checkpoint into CPU tensors (``dist_checkpointing.load``
+    needs a process group) and may run inside another program: the demo exports each model to HF in
+    its own process, which then keeps generating with ``transformers`` untouched by the remap.
+    """
+    if not dist.is_initialized():
+        _init_process_group("gloo", timeout_minutes)
+
+
+def _init_process_group(backend: str, timeout_minutes: float) -> None:
+    kwargs = {}
+    if "MASTER_ADDR" not in os.environ:
+        # A plain `python` launch: a world of one on a free port, passed explicitly rather than
+        # written into os.environ, where child processes would inherit a port that is in use.
+        kwargs = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                            **kwargs)
 
 
 def set_seed(seed: int) -> None:

@@ -161,6 +161,38 @@ def test_export_of_a_training_checkpoint(hf_models, converted, tmp_path):
     convert_megatron_to_hf(root / "iter_0000007", tmp_path / "hf2")
 
 
+EXPORT_IN_A_FRESH_PROCESS = """
+import sys
+from megatron.core import parallel_state
+import torch.distributed as dist
+from megatron_rift.convert import convert_megatron_to_hf
+from megatron_rift.cpu_compat import cpu_compat_active
+for out in sys.argv[2:]:  # twice: the second call reuses the process group
+    convert_megatron_to_hf(sys.argv[1], out, show_progress=False)
+print(dist.get_world_size(), dist.get_backend(), parallel_state.model_parallel_is_initialized(),
+      cpu_compat_active())
+"""
+
+
+def test_export_without_verify_sets_up_only_a_process_group(hf_models, converted, tmp_path):
+    """The demo exports every model inside its own process, between generation runs: without
+    verify the export leaves that process a gloo world of one, with no Megatron parallel state
+    and no CUDA->CPU remap (which would sit under every later torch call)."""
+    import subprocess
+    import sys
+
+    from tests.torchrun_utils import REPO
+
+    outs = [tmp_path / "first", tmp_path / "second"]
+    proc = subprocess.run([sys.executable, "-c", EXPORT_IN_A_FRESH_PROCESS, str(converted["qwen2"]),
+                           *map(str, outs)], capture_output=True, text=True, cwd=str(REPO),
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["1", "gloo", "False", "False"]
+    for out in outs:
+        assert_same_weights(safetensors_weights(hf_models["qwen2"]), safetensors_weights(out))
+
+
 def test_in_memory_state_dict_export_uses_the_spec_names(hf_models, converted):
     from megatron_rift.checkpointing import load_model_weights
     from megatron_rift.convert.megatron_to_hf import hf_weights_from_state_dict

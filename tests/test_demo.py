@@ -30,14 +30,10 @@ def _read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.slow
-def test_miniature_pipeline_writes_consistent_results(tmp_path):
-    out = tmp_path / "demo"
-    proc = _demo(["--output-dir", str(out), "--methods", "rft,rift,dpo,kto"], tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    seed = out / "seed0"
-
-    # Rollouts: K per train problem, each reward equal to an independent check of its final answer.
+def _check_rollouts_and_rewards(seed):
+    """K rollouts per train problem, each reward equal to an independent check of its final answer;
+    the packed RIFT dataset's statistics match them (empty responses are dropped). Returns the
+    trainable rollouts and the packing statistics."""
     problems = {p["prompt_id"]: p for p in _read_jsonl(seed / "problems" / "train.jsonl")}
     rollouts = _read_jsonl(seed / "rollouts" / "train.jsonl")
     assert len(rollouts) == K * len(problems)
@@ -48,15 +44,77 @@ def test_miniature_pipeline_writes_consistent_results(tmp_path):
         answer = (boxed[1].split("}", 1)[0].strip() if len(boxed) == 2
                   else (numbers[-1] if numbers else None))
         assert r["correct"] == _same_number(answer, problems[r["prompt_id"]]["answer"]), r
-
-    # The packed RIFT dataset's statistics match the rollouts file (empty responses are dropped).
     stats = json.loads((seed / "data" / "rollouts.json").read_text())
     trainable = [r for r in rollouts if r["response"].strip()]
     assert stats["rollouts"] == len(trainable)
     assert stats["positive"] == sum(r["correct"] for r in trainable)
+    return trainable, stats
 
+
+def _check_scores(out, expected_methods):
+    """Every evaluated method on both splits, in range, Pass@K >= Mean@K, equal to the scores
+    recomputed here from the scored generations; the table and the plot are written."""
+    seed = out / "seed0"
+    results = json.loads((out / "results.json").read_text())
+    methods = results["methods"]
+    assert set(methods) == set(expected_methods)
+    for method, splits in methods.items():
+        assert set(splits) == {"test", "ood"}
+        for split, score in splits.items():
+            assert 0 <= score[f"mean@{K}"] <= score[f"pass@{K}"] <= 100
+            folder = seed / ("base" if method == "base" else f"methods/{method}") / "eval"
+            by_problem = {}
+            for g in _read_jsonl(folder / f"{split}.jsonl"):
+                by_problem.setdefault(g["prompt_id"], []).append(bool(g["correct"]))
+            mean = 100 * sum(sum(v) / len(v) for v in by_problem.values()) / len(by_problem)
+            assert score[f"mean@{K}"] == pytest.approx(mean, abs=0.01)
+    table = (out / "results.md").read_text()
+    assert table.count("\n") == len(methods) + 2
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return results
+
+
+@pytest.mark.slow
+def test_miniature_pipeline_writes_consistent_results(tmp_path):
+    """`megatron-rift demo --miniature` as it stands (RFT against RIFT): about a minute on 2 cores."""
+    out = tmp_path / "demo"
+    proc = _demo(["--output-dir", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    seed = out / "seed0"
+    trainable, stats = _check_rollouts_and_rewards(seed)
+
+    expected = {"base", "rift"} | ({"rft"} if stats["positive"] else set())
+    results = _check_scores(out, expected)
+    if not stats["positive"]:
+        assert "rft" in results["per_seed"][0]["skipped"]
+    else:  # RFT trained on the correct rollouts only, RIFT on all of them
+        rft = json.loads((seed / "data" / "positives.json").read_text())
+        assert rft["rollouts"] == stats["positive"] < stats["rollouts"]
+    assert "| rift |" in (out / "results.md").read_text()
+    # Each fine-tuning run logged its losses; RIFT's are non-negative by construction.
+    rift_losses = [json.loads(line)["loss"] for line in
+                   (seed / "methods" / "rift" / "metrics.jsonl").read_text().splitlines()]
+    assert rift_losses and min(rift_losses) >= 0
+    # The in-process HF export wrote a loadable model with the trainer's tokenizer.
+    from transformers import AutoConfig
+
+    hf = seed / "methods" / "rift" / "hf"
+    assert AutoConfig.from_pretrained(str(hf)).num_hidden_layers == 2
+    assert (hf / "tokenizer.model").is_file()
+    print("stage timings (s):", results["per_seed"][0]["timings_s"])
+
+
+@pytest.mark.slow
+def test_miniature_preference_baselines(tmp_path):
+    """The demo's DPO and KTO path: ground-truth pairs, and the base's reference log-probs of each
+    dataset, computed once and bound to it."""
+    out = tmp_path / "demo"
+    proc = _demo(["--output-dir", str(out), "--methods", "dpo,kto"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    seed = out / "seed0"
+    trainable, _ = _check_rollouts_and_rewards(seed)
     # DPO's pairs: every trainable rollout against its problem's expert solution (whole pairs
-    # dropped when too long); DPO's and KTO's reference log-probs belong to their datasets.
+    # dropped when too long).
     pairs = json.loads((seed / "data" / "pairs.json").read_text())
     assert pairs["num_pairs"] + pairs["pairs_dropped"] == len(trainable)
     from megatron_rift.data.preference import dataset_fingerprint
@@ -64,34 +122,7 @@ def test_miniature_pipeline_writes_consistent_results(tmp_path):
     for name in ("pairs", "rollouts"):
         ref = json.loads((seed / "data" / f"{name}.ref_logprobs.json").read_text())
         assert ref["dataset_fingerprint"] == dataset_fingerprint(str(seed / "data" / name))
-
-    # Scores: every evaluated method on both splits, in range, Pass@K >= Mean@K; they equal the
-    # scores recomputed here from the scored generations.
-    results = json.loads((out / "results.json").read_text())
-    methods = results["methods"]
-    expected = {"base", "rift", "dpo", "kto"} | ({"rft"} if stats["positive"] else set())
-    assert set(methods) == expected
-    for method, splits in methods.items():
-        assert set(splits) == {"test", "ood"}
-        for split, score in splits.items():
-            assert 0 <= score[f"mean@{K}"] <= score[f"pass@{K}"] <= 100
-            folder = seed / ("base" if method == "base" else f"methods/{method}") / "eval"
-            gens = _read_jsonl(folder / f"{split}.jsonl")
-            by_problem = {}
-            for g in gens:
-                by_problem.setdefault(g["prompt_id"], []).append(bool(g["correct"]))
-            mean = 100 * sum(sum(v) / len(v) for v in by_problem.values()) / len(by_problem)
-            assert score[f"mean@{K}"] == pytest.approx(mean, abs=0.01)
-    if "rft" not in methods:
-        assert "rft" in results["per_seed"][0]["skipped"]
-
-    table = (out / "results.md").read_text()
-    assert table.count("\n") == len(methods) + 2 and "| rift |" in table
-    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # Each fine-tuning run logged its losses; RIFT's are non-negative by construction.
-    rift_losses = [json.loads(line)["loss"] for line in
-                   (seed / "methods" / "rift" / "metrics.jsonl").read_text().splitlines()]
-    assert rift_losses and min(rift_losses) >= 0
+    _check_scores(out, {"base", "dpo", "kto"})
 
 
 def _user_records():
@@ -135,3 +166,12 @@ def test_problems_file_bad_record_names_the_line(tmp_path):
     assert proc.returncode == 2
     assert f"{problems}:2" in proc.stderr and "answer" in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing written before the input is known good
+
+
+def test_export_stage_names_a_bad_checkpoint_and_writes_nothing(tmp_path):
+    from megatron_rift.demo.stages import StageError, export_hf
+
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(StageError, match="HF export of .*ckpt failed: .*not a Megatron checkpoint"):
+        export_hf(tmp_path / "ckpt", tmp_path / "hf", tmp_path / "logs")
+    assert not (tmp_path / "hf").exists()

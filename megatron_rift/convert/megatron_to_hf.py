@@ -29,6 +29,7 @@ from megatron_rift.convert.tables import (ResolvedWeight, checkpoint_key, module
                                          table_for_architecture)
 from megatron_rift.convert.verify import check_parity, verify_parity
 from megatron_rift.model import GPTArchitecture
+from megatron_rift.parallel import ensure_process_group
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -109,13 +110,16 @@ def _row_groups(rows: list[ResolvedWeight]) -> list[list[ResolvedWeight]]:
 def convert_megatron_to_hf(megatron_path: str | Path, output: str | Path, target_dtype: str | None = None,
                            overwrite: bool = False, verify: bool = False, verify_dtype: str = "fp32",
                            verify_tolerance: float | None = None,
-                           max_shard_bytes: int = 5 * 2**30) -> ConversionResult:
+                           max_shard_bytes: int = 5 * 2**30,
+                           show_progress: bool = True) -> ConversionResult:
     """Write an HF folder (safetensors, config.json, generation_config.json, tokenizer) at ``output``.
 
     ``megatron_path`` is a checkpoint root (its tracker's iteration is read) or an iteration folder.
     The dtype defaults to the stored one. Runs in one process; with ``verify`` the written folder is
     loaded with transformers and compared with the Megatron checkpoint (both computing in
-    ``verify_dtype``) before it is published.
+    ``verify_dtype``) before it is published. Without ``verify`` no Megatron model is built and the
+    calling process gets only a gloo process group (no parallel state, no CPU remap), so a program
+    can call this in-process between its own work (the demo does, once per model).
     """
     root, folder = resolve_megatron_checkpoint(megatron_path)
     try:
@@ -124,7 +128,10 @@ def convert_megatron_to_hf(megatron_path: str | Path, output: str | Path, target
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise ConversionError(str(err)) from err
     check_output_dir(output, overwrite)
-    ensure_parallel_state(arch, 1, 1)
+    if verify:  # builds a Megatron model
+        ensure_parallel_state(arch, 1, 1)
+    else:  # dist_checkpointing.load needs a process group, nothing more
+        ensure_process_group()
     reader = DistCheckpointReader(folder)
     rows = table.resolve(arch)
     check_megatron_weights(reader, rows, arch)
@@ -132,7 +139,7 @@ def convert_megatron_to_hf(megatron_path: str | Path, output: str | Path, target
     result = ConversionResult(Path(output).resolve(), arch, dtype)
     with staged_output_dir(output, overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
-        for group in tqdm(_row_groups(rows), desc="Megatron -> HF", unit="group", disable=not is_main_rank()):
+        for group in tqdm(_row_groups(rows), desc="Megatron -> HF", unit="group", disable=not (show_progress and is_main_rank())):
             loaded = reader.read([row.megatron for row in group])
             for row in group:
                 for name, tensor in zip(row.hf, row.transform.to_hf(loaded[row.megatron], arch)):

@@ -18,6 +18,15 @@ from pathlib import Path
 
 from megatron_rift.demo.config import DEFAULT_METHODS, METHODS, DemoConfig
 
+# `--miniature`: the whole pipeline in about a minute on 2 cores (a smoke test, e.g. in CI).
+MINIATURE = dict(base_problems=600, train_problems=24, val_problems=8, test_problems=16,
+                 ood_problems=16, num_layers=2, hidden_size=64, ffn_hidden_size=176,
+                 base_epochs=1.0, finetune_epochs=1.0, base_global_batch=32,
+                 finetune_global_batch=32, micro_batch_size=16, max_new_tokens=64)
+# The miniature's default comparison; every other method adds ~11 s (DPO/KTO ~8 s more for the
+# reference log-probs).
+MINIATURE_METHODS = ("rft", "rift")
+
 
 def build_parser() -> argparse.ArgumentParser:
     d = DemoConfig(output_dir="")
@@ -30,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problems", default=None, metavar="FILE.jsonl",
                    help="your own problems: records with question, answer, optional solution, and "
                         "split in {train, val, test, ood}")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated subset of {', '.join(METHODS)}, or 'all'")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {', '.join(METHODS)}, or 'all' (default: "
+                        f"{','.join(DEFAULT_METHODS)}; with --miniature {','.join(MINIATURE_METHODS)})")
     p.add_argument("--sweep-lr", action="store_true",
                    help="choose each method's lr on the validation split (slower)")
     p.add_argument("--sweep-lrs", default=",".join(f"{lr:g}" for lr in d.sweep_lrs),
@@ -42,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TP for every training run (2 runs under torchrun on gloo)")
     p.add_argument("--samples-per-problem", type=int, default=d.samples_per_problem, help="K")
     p.add_argument("--miniature", action="store_true",
-                   help="a ~1-minute pipeline (smaller model, fewer problems): a smoke test")
+                   help="a ~1-minute pipeline on 2 cores (smaller model, fewer problems, RFT "
+                        "against RIFT unless --methods says otherwise): a smoke test")
     for name in ("base_problems", "train_problems", "test_problems", "ood_problems",
                  "val_problems", "num_layers", "hidden_size", "max_new_tokens"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
@@ -51,12 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=float, default=None,
                        help=f"default {getattr(d, name)}")
     return p
-
-
-MINIATURE = dict(base_problems=600, train_problems=24, val_problems=8, test_problems=16,
-                 ood_problems=16, num_layers=2, hidden_size=64, ffn_hidden_size=176,
-                 base_epochs=1.0, finetune_epochs=1.0, base_global_batch=32,
-                 finetune_global_batch=32, micro_batch_size=16, max_new_tokens=64)
 
 
 def _parse_lrs(text: str) -> tuple[float, ...]:
@@ -72,8 +77,9 @@ def _parse_lrs(text: str) -> tuple[float, ...]:
 
 def config_from_args(args) -> DemoConfig:
     out = args.output_dir or f"demo_runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    methods = (tuple(METHODS) if args.methods.strip() == "all" else
-               tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+    text = args.methods or ",".join(MINIATURE_METHODS if args.miniature else DEFAULT_METHODS)
+    methods = (tuple(METHODS) if text.strip() == "all" else
+               tuple(m.strip() for m in text.split(",") if m.strip()))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"megatron-rift demo: unknown method(s) {unknown}; choose from {list(METHODS)}")
