@@ -175,3 +175,24 @@ def test_export_stage_names_a_bad_checkpoint_and_writes_nothing(tmp_path):
     with pytest.raises(StageError, match="HF export of .*ckpt failed: .*not a Megatron checkpoint"):
         export_hf(tmp_path / "ckpt", tmp_path / "hf", tmp_path / "logs")
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("argv, methods", [
+    ([], ("sft", "dft", "rft", "rift", "naive", "dpo")),
+    (["--miniature"], ("rft", "rift")),
+    (["--miniature", "--methods", "dpo, kto"], ("dpo", "kto")),
+    (["--methods", "all"], ("sft", "dft", "rft", "rift", "naive", "dpo", "kto", "simpo")),
+])
+def test_methods_default_to_the_run_size(argv, methods):
+    from megatron_rift.demo.cli import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["--output-dir", "x", *argv]))
+    assert cfg.methods == methods
+    assert (cfg.num_layers == 2) == ("--miniature" in argv)
+
+
+def test_unknown_method_is_refused():
+    from megatron_rift.demo.cli import build_parser, config_from_args
+
+    with pytest.raises(SystemExit, match="unknown method.*'rlhf'"):
+        config_from_args(build_parser().parse_args(["--methods", "rift,rlhf"]))

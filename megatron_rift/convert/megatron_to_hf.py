@@ -139,7 +139,8 @@ def convert_megatron_to_hf(megatron_path: str | Path, output: str | Path, target
     result = ConversionResult(Path(output).resolve(), arch, dtype)
     with staged_output_dir(output, overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
-        for group in tqdm(_row_groups(rows), desc="Megatron -> HF", unit="group", disable=not (show_progress and is_main_rank())):
+        for group in tqdm(_row_groups(rows), desc="Megatron -> HF", unit="group",
+                          disable=not (show_progress and is_main_rank())):
             loaded = reader.read([row.megatron for row in group])
             for row in group:
                 for name, tensor in zip(row.hf, row.transform.to_hf(loaded[row.megatron], arch)):
