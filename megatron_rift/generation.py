@@ -13,6 +13,7 @@ A rollout record (one JSON line; what the packing tool reads)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -98,6 +99,20 @@ def _progress(total: int, description: str):
                 disable=os.environ.get("TQDM_DISABLE") == "1")
 
 
+@contextlib.contextmanager
+def _hf_progress_bars(enabled: bool):
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled and not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
+
+
 def sample_with_transformers(model_dir: str | Path, prompts: list[str], config: SamplingConfig,
                              tokenizer_dir: str | Path | None = None, batch_size: int = 16,
                              device: str = "auto", dtype: str = "auto",
@@ -118,7 +133,9 @@ def sample_with_transformers(model_dir: str | Path, prompts: list[str], config: 
         raise ValueError(f"the tokenizer in {tokenizer_dir or model_dir} has no eos token; "
                          "generation could not stop")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    with _hf_progress_bars(show_progress):  # its "Loading weights" bar, once per model
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model = model.to(device).eval()
     stop_ids = _stop_token_ids(model, tokenizer)
     generation_config = GenerationConfig(
         do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0,
