@@ -55,7 +55,8 @@ objective   loss of one unit                                                    
 ``c``/``r`` are a pair's chosen and rejected responses, ``n`` their response token counts. KTO's
 reference point ``z`` is its KL estimate (KTO paper section 4.1, as TRL does it): the mean of
 ``lp - ref`` over *mismatched* samples (a prompt with another problem's response) in the same
-micro-batch, clamped at 0 and detached.
+micro-batch on every data-parallel rank (TRL gathers it across processes too), clamped at 0 and
+detached.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 TOKEN_OBJECTIVES = ("sft", "dft", "rft", "rift", "naive")
@@ -207,7 +209,7 @@ def sequence_logprobs(per_token_ce: torch.Tensor, loss_mask: torch.Tensor,
 def compute_preference_loss(per_token_ce: torch.Tensor, loss_mask: torch.Tensor,
                             segment_ids: torch.Tensor, roles: torch.Tensor,
                             ref_logprobs: torch.Tensor | None, objective: str,
-                            settings: PreferenceSettings = PreferenceSettings()):
+                            settings: PreferenceSettings = PreferenceSettings(), kl_group=None):
     """Loss sum, unit count and metrics of one preference micro-batch (see the module table).
 
     Args:
@@ -216,6 +218,9 @@ def compute_preference_loss(per_token_ce: torch.Tensor, loss_mask: torch.Tensor,
             ``REJECTED`` at odd positions. ``kto``: ``CHOSEN`` (desirable), ``REJECTED``
             (undesirable) or ``KL_SAMPLE`` (a mismatched prompt/response for KTO's reference point).
         ref_logprobs: [n] reference ``log pi_ref(y|x)`` per sample (``dpo``, ``kto``).
+        kl_group: ``kto``: the process group whose ranks' mismatched samples estimate ``z``
+            together (the trainer passes the data-parallel group; its ranks run the same number
+            of micro-batches, so the all-reduce is in step). None: this micro-batch's own.
     Returns:
         ``(loss_sum, count, metrics)`` like :func:`compute_loss`; count is pairs or samples.
     """
@@ -254,8 +259,11 @@ def compute_preference_loss(per_token_ce: torch.Tensor, loss_mask: torch.Tensor,
 
     # kto
     desirable, undesirable, kl = roles == CHOSEN, roles == REJECTED, roles == KL_SAMPLE
-    num_kl = int(kl.sum())
-    z = (torch.where(kl, ratio, 0.0).sum() / max(num_kl, 1)).clamp(min=0).detach()
+    kl_stats = torch.stack([torch.where(kl, ratio, 0.0).sum(), kl.sum().to(ratio.dtype)]).detach()
+    if kl_group is not None and dist.get_world_size(kl_group) > 1:
+        dist.all_reduce(kl_stats, group=kl_group)
+    num_kl = int(kl_stats[1].item())
+    z = (kl_stats[0] / max(num_kl, 1)).clamp(min=0)
     losses = torch.where(
         desirable, settings.desirable_weight * (1 - torch.sigmoid(beta * (ratio - z))),
         torch.where(undesirable, settings.undesirable_weight * (1 - torch.sigmoid(beta * (z - ratio))),
@@ -277,13 +285,14 @@ def _pair(value_sum, count):
 
 def make_preference_loss_func(loss_mask: torch.Tensor, segment_ids: torch.Tensor,
                               roles: torch.Tensor, ref_logprobs: torch.Tensor | None,
-                              objective: str, settings: PreferenceSettings):
+                              objective: str, settings: PreferenceSettings, kl_group=None):
     """:func:`make_loss_func`'s counterpart for the preference objectives (same contract; the
     count is pairs or samples instead of tokens)."""
 
     def loss_func(output_tensor: torch.Tensor):
         loss_sum, units, metrics = compute_preference_loss(
-            output_tensor, loss_mask, segment_ids, roles, ref_logprobs, objective, settings)
+            output_tensor, loss_mask, segment_ids, roles, ref_logprobs, objective, settings,
+            kl_group)
         report = {"loss": torch.stack([loss_sum.detach().float(), units.float()])}
         report.update(metrics)
         return loss_sum, units, report

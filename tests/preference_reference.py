@@ -39,12 +39,16 @@ def sample_logprobs(logits, labels, samples):
 
 
 def reference_preference_loss(logits, labels, samples, roles, ref_logprobs, objective,
-                              beta=0.1, gamma=1.0, desirable_weight=1.0, undesirable_weight=1.0):
+                              beta=0.1, gamma=1.0, desirable_weight=1.0, undesirable_weight=1.0,
+                              z=None):
     """Mean loss over units (pairs for dpo/simpo, desirable+undesirable samples for kto).
 
     Returns ``(loss, info)`` with ``info = {"units": int, "z": float}`` (z only meaningful for kto).
     ``logits`` [b, s, v] float64 is best; ``ref_logprobs`` a list or tensor of per-sample floats.
+    ``z``: KTO's reference point when it comes from elsewhere (a batch split across data-parallel
+    ranks estimates it from every rank's KL samples); by default, from these samples' own.
     """
+    given_z = z
     roles = [int(r) for r in roles]
     lps = sample_logprobs(logits, labels, samples)
     refs = None if ref_logprobs is None else [float(x) for x in ref_logprobs]
@@ -65,7 +69,9 @@ def reference_preference_loss(logits, labels, samples, roles, ref_logprobs, obje
             units += 1
     elif objective == "kto":
         kl_ratios = [(lps[i] - refs[i]).item() for i in range(len(roles)) if roles[i] == 0]
-        if kl_ratios:
+        if given_z is not None:
+            z = given_z
+        elif kl_ratios:
             z = max(sum(kl_ratios) / len(kl_ratios), 0.0)  # a python float: detached
         for i, role in enumerate(roles):
             ratio = lps[i] - refs[i]

@@ -46,6 +46,19 @@ def test_preference_loss_and_logit_gradient_match_reference_under_tp(tmp_path, t
         assert len({round(r[case]["loss"], 6) for r in results}) == 1, case
 
 
+@pytest.mark.distributed
+def test_kto_reference_point_spans_the_data_parallel_ranks(tmp_path):
+    run_torchrun(WORKERS / "kto_data_parallel_worker.py", nproc=2, result_dir=tmp_path, timeout=240)
+    results = read_rank_results(tmp_path, 2)
+    for r in results:
+        assert r["ref_z"] == pytest.approx(1.5)  # the mean of both ranks' KL ratios (2.5, 0.5)
+        assert abs(r["z"] - r["ref_z"]) <= 1e-5, r
+        assert abs(r["loss"] - r["ref"]) <= 1e-5 * max(1.0, abs(r["ref"])), r
+        assert 0 < r["grad_max_abs"] and r["grad_max_abs_diff"] <= 1e-5, r
+    # Non-vacuous: each rank alone would have estimated another z.
+    assert [round(r["z_alone"], 4) for r in results] == [2.5, 0.5]
+
+
 def test_sequence_logprobs_match_a_loop():
     g = torch.Generator().manual_seed(3)
     ce = (torch.rand(3, 7, generator=g) * 4).requires_grad_(True)

@@ -56,6 +56,8 @@ def make_forward_step(objective: str, negative_mode: str, packed: bool, use_te: 
     """
     on_gpu = torch.cuda.is_available()
     is_preference = objective in PREFERENCE_OBJECTIVES
+    # KTO's reference point z is estimated over the whole data-parallel batch, not one rank's slice.
+    kl_group = parallel_state.get_data_parallel_group() if objective == "kto" else None
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -85,7 +87,7 @@ def make_forward_step(objective: str, negative_mode: str, packed: bool, use_te: 
                                          packed_seq_params=packed_seq_params)
                 ref_logprobs = sequence_logprobs(ref_ce, loss_mask, segment_ids, roles.numel())[0]
         return output, make_preference_loss_func(loss_mask, segment_ids, roles, ref_logprobs,
-                                                 objective, preference)
+                                                 objective, preference, kl_group)
 
     return forward_step
 
