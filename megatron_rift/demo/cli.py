@@ -14,6 +14,7 @@ import datetime
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from megatron_rift.demo.config import DEFAULT_METHODS, METHODS, DemoConfig
@@ -98,6 +99,11 @@ def config_from_args(args) -> DemoConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Megatron-Core warns at import that it falls back to torch without TE/Apex: expected on the
+    # CPU machine this demo is sized for, and it would break into the progress bar. The trainer's
+    # own logs keep the warning.
+    warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex (are|is) not installed",
+                            category=UserWarning)
     cfg = config_from_args(args)
     if args.problems:
         from megatron_rift.demo.task import ProblemsFileError, load_problems_file
