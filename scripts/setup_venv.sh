@@ -19,4 +19,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     fi
 fi
 "${PIP[@]}" -e ".[all]" 2>&1 | { grep -v "^WARNING: Location" || true; }
-.venv/bin/python -c "import torch, megatron.core, megatron_rift; print(f'megatron-rift ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}')"
+# The import check; Megatron-Core's import-time "no TE/Apex, falling back to torch" warnings are
+# expected without a GPU and are left out here.
+.venv/bin/python -W "ignore::UserWarning" -c "import torch, megatron.core, megatron_rift; print(f'megatron-rift ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}')"
