@@ -262,15 +262,15 @@ def compute_preference_loss(per_token_ce: torch.Tensor, loss_mask: torch.Tensor,
     kl_stats = torch.stack([torch.where(kl, ratio, 0.0).sum(), kl.sum().to(ratio.dtype)]).detach()
     if kl_group is not None and dist.get_world_size(kl_group) > 1:
         dist.all_reduce(kl_stats, group=kl_group)
-    num_kl = int(kl_stats[1].item())
-    z = (kl_stats[0] / max(num_kl, 1)).clamp(min=0)
+    num_kl = kl_stats[1]
+    z = (kl_stats[0] / num_kl.clamp(min=1)).clamp(min=0)  # no host sync on the hot path
     losses = torch.where(
         desirable, settings.desirable_weight * (1 - torch.sigmoid(beta * (ratio - z))),
         torch.where(undesirable, settings.undesirable_weight * (1 - torch.sigmoid(beta * (z - ratio))),
                     torch.zeros_like(ratio)))
     units = int((desirable | undesirable).sum())
     metrics = {
-        "kl_estimate": _pair(z, 1 if num_kl else 0),
+        "kl_estimate": _pair(z, num_kl > 0),
         "desirable_reward": _pair(torch.where(desirable, beta * ratio, 0.0).detach().sum(),
                                   desirable.sum()),
         "undesirable_reward": _pair(torch.where(undesirable, beta * ratio, 0.0).detach().sum(),

@@ -163,13 +163,12 @@ def export_hf(ckpt: Path, out: Path, log_dir: Path) -> Path:
     no model, so it leaves nothing behind that touches generation, and it saves the ~9 s a fresh
     interpreter spends importing torch, Megatron-Core and transformers for every model.
     """
+    from megatron_rift.convert import ConversionError, convert_megatron_to_hf
+
     log_path = log_dir / "export.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    # Megatron-Core's import-time warnings (no TE/Apex) and the loader's go to the log, as a
-    # subprocess's would, not through the demo's progress bar.
+    # The loader's warnings go to the log, as a subprocess's would, not through the progress bar.
     with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        from megatron_rift.convert import ConversionError, convert_megatron_to_hf
-
         try:
             result = convert_megatron_to_hf(ckpt, out, overwrite=True, show_progress=False)
         except ConversionError as error:
