@@ -6,12 +6,15 @@ fp32 logits and backpropagates to them:
 - ``megatron_ce`` (the baseline): ``tensor_parallel.vocab_parallel_cross_entropy`` masked mean;
 - ``torch_log_softmax``: ``log_softmax`` + ``gather`` over the full logits, what a TRL-style
   trainer does;
-- one row per objective: ``megatron_rift.losses.compute_loss`` on Megatron's CE.
+- one row per token objective of the registry (``megatron_rift.objectives``): its loss, loaded as
+  the trainer loads it (``get_objective(name).load_loss()``), on Megatron's CE; plus RIFT with
+  the ``geometric`` negative mode.
 
 Time: all variants interleaved round-robin in one process (the same machine load for each), the
-order rotated every round, median of ``--repeats``. Peak memory: each variant in a fresh process, the growth of peak RSS
-(``ru_maxrss``) over a baseline taken once the inputs exist, so it counts exactly the fwd+bwd working
-set (logit gradient included). On a GPU the same script reports ``torch.cuda.max_memory_allocated``.
+order rotated every round, median of ``--repeats``. Peak memory: each variant in a fresh process,
+the growth of peak RSS (``ru_maxrss``) over a baseline taken once the inputs exist (and the loss
+module is imported), so it counts exactly the fwd+bwd working set (logit gradient included). On a
+GPU the same script reports ``torch.cuda.max_memory_allocated``.
 
     .venv/bin/python benchmarks/loss.py            # both shapes from the issue
     .venv/bin/python benchmarks/loss.py --shapes 1024x32000 --repeats 3
@@ -29,8 +32,25 @@ import time
 
 import torch
 
+from megatron_rift.objectives import RIFT, Unit, get_objective, objectives
+
 BASELINE = "megatron_ce"
-VARIANTS = [BASELINE, "torch_log_softmax", "sft", "dft", "rft", "rift", "rift_geometric", "naive"]
+RIFT_GEOMETRIC = f"{RIFT.name}_geometric"  # RIFT with negative_mode="geometric"
+# Variant -> (objective, negative mode), the token objectives in registry order.
+OBJECTIVE_VARIANTS = {}
+for _objective in objectives():
+    if _objective.unit is Unit.ROLLOUT:
+        OBJECTIVE_VARIANTS[_objective.name] = (_objective.name, "token")
+        if _objective is RIFT:
+            OBJECTIVE_VARIANTS[RIFT_GEOMETRIC] = (RIFT.name, "geometric")
+VARIANTS = [BASELINE, "torch_log_softmax", *OBJECTIVE_VARIANTS]
+_LOSSES = {}  # objective name -> its loss function, loaded once (outside the timed calls)
+
+
+def _loss_of(objective: str):
+    if objective not in _LOSSES:
+        _LOSSES[objective] = get_objective(objective).load_loss()
+    return _LOSSES[objective]
 
 
 def _inputs(tokens: int, vocab: int, device: torch.device):
@@ -48,7 +68,7 @@ def _inputs(tokens: int, vocab: int, device: torch.device):
 def _fwd_bwd(variant: str, logits, labels, mask, rewards) -> torch.Tensor:
     from megatron.core import tensor_parallel
 
-    from megatron_rift.losses import compute_loss
+    from megatron_rift.losses import LossSettings
 
     x = logits.detach().clone().requires_grad_(True)
     if variant == "torch_log_softmax":
@@ -56,13 +76,17 @@ def _fwd_bwd(variant: str, logits, labels, mask, rewards) -> torch.Tensor:
         loss = -(logp * mask).sum() / mask.sum()
     else:
         # Megatron's layout is [s, b, v]; one sequence of `tokens` positions.
-        ce = tensor_parallel.vocab_parallel_cross_entropy(x.unsqueeze(1), labels.unsqueeze(1)).squeeze(1)
+        ce = tensor_parallel.vocab_parallel_cross_entropy(
+            x.unsqueeze(1), labels.unsqueeze(1)
+        ).squeeze(1)
         if variant == BASELINE:
             loss = (ce * mask).sum() / mask.sum()
         else:
-            objective, mode = ("rift", "geometric") if variant == "rift_geometric" else (variant, "token")
-            loss_sum, n, _ = compute_loss(ce.unsqueeze(0), mask.unsqueeze(0), rewards.unsqueeze(0),
-                                          objective, mode)
+            objective, mode = OBJECTIVE_VARIANTS[variant]
+            batch = {"loss_mask": mask.unsqueeze(0), "rewards": rewards.unsqueeze(0)}
+            loss_sum, n, _ = _loss_of(objective)(
+                ce.unsqueeze(0), batch, LossSettings(negative_mode=mode)
+            )
             loss = loss_sum / n
     loss.backward()
     return x.grad
@@ -84,7 +108,7 @@ def measure_time(tokens: int, vocab: int, repeats: int) -> dict:
     device = _setup()
     inputs = _inputs(tokens, vocab, device)
     times = {v: [] for v in VARIANTS}
-    for v in VARIANTS:  # warm-up
+    for v in VARIANTS:  # warm-up (and the objectives' losses loaded)
         _fwd_bwd(v, *inputs)
     for round_index in range(repeats):
         # Rotate the order each round: whichever variant runs first after the previous round's
@@ -103,6 +127,8 @@ def measure_peak(tokens: int, vocab: int, variant: str) -> float:
     """Peak extra bytes of one fwd+bwd (run in a fresh process)."""
     device = _setup()
     inputs = _inputs(tokens, vocab, device)
+    if variant in OBJECTIVE_VARIANTS:  # import the loss module before the baseline
+        _loss_of(OBJECTIVE_VARIANTS[variant][0])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -120,9 +146,14 @@ def _in_subprocess(mode: str, tokens: int, vocab: int, extra: list[str]):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="4096x32000,2048x152064",
-                    help="comma-separated TOKENSxVOCAB (default: the issue's two shapes)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--shapes",
+        default="4096x32000,2048x152064",
+        help="comma-separated TOKENSxVOCAB (default: the issue's two shapes)",
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -142,16 +173,22 @@ def main() -> None:
         peaks = {v: _in_subprocess("peak", tokens, vocab, ["--variant", v]) for v in VARIANTS}
         results.append({"tokens": tokens, "vocab": vocab, "time_s": times, "peak_bytes": peaks})
     device = "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"\nLoss forward+backward, fp32 logits, {device}, {torch.get_num_threads()} threads; "
-          f"ratios against Megatron's vocab_parallel_cross_entropy ({BASELINE}) in the same run\n")
-    print("| logits [tokens, vocab] | variant | time (ms) | time ratio | peak extra (MiB) | memory ratio |")
+    print(
+        f"\nLoss forward+backward, fp32 logits, {device}, {torch.get_num_threads()} threads; "
+        f"ratios against Megatron's vocab_parallel_cross_entropy ({BASELINE}) in the same run\n"
+    )
+    print(
+        "| logits [tokens, vocab] | variant | time (ms) | time ratio | peak extra (MiB) | memory ratio |"
+    )
     print("|---|---|---:|---:|---:|---:|")
     for r in results:
         t0, m0 = r["time_s"][BASELINE], r["peak_bytes"][BASELINE]
         for v in VARIANTS:
             t, m = r["time_s"][v], r["peak_bytes"][v]
-            print(f"| [{r['tokens']}, {r['vocab']}] | {v} | {t * 1e3:.1f} | {t / t0:.2f}x | "
-                  f"{m / 2**20:.0f} | {m / m0:.2f}x |")
+            print(
+                f"| [{r['tokens']}, {r['vocab']}] | {v} | {t * 1e3:.1f} | {t / t0:.2f}x | "
+                f"{m / 2**20:.0f} | {m / m0:.2f}x |"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "results": results}, f, indent=2)

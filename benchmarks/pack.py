@@ -59,20 +59,42 @@ def write_rollouts(path: Path, count: int, prompt_len: int, response_len: int, s
             for j in range(n):
                 row = words[ids[j]]
                 problem = (start + j) // 8
-                handle.write(json.dumps({
-                    "prompt_id": problem, "prompt": " ".join(row[:prompt_len]),
-                    "response": " ".join(row[prompt_len:]), "correct": bool(correct[j])}) + "\n")
+                handle.write(
+                    json.dumps(
+                        {
+                            "prompt_id": problem,
+                            "prompt": " ".join(row[:prompt_len]),
+                            "response": " ".join(row[prompt_len:]),
+                            "correct": bool(correct[j]),
+                        }
+                    )
+                    + "\n"
+                )
 
 
-def run_one(input_path: Path, tokenizer: Path, prefix: Path, workers: int,
-            rust_threads: bool = False) -> dict:
-    spec = json.dumps({"input": str(input_path), "tokenizer": str(tokenizer),
-                       "prefix": str(prefix), "workers": workers})
+def run_one(
+    input_path: Path, tokenizer: Path, prefix: Path, workers: int, rust_threads: bool = False
+) -> dict:
+    spec = json.dumps(
+        {
+            "input": str(input_path),
+            "tokenizer": str(tokenizer),
+            "prefix": str(prefix),
+            "workers": workers,
+        }
+    )
     # By default one core per worker: the Rust tokenizer's own thread pool is off.
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="true" if rust_threads else "false",
-               OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, spec], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=str(REPO), env=env)
+    env = dict(
+        os.environ, TOKENIZERS_PARALLELISM="true" if rust_threads else "false", OMP_NUM_THREADS="1"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, spec],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(REPO),
+        env=env,
+    )
     watched = psutil.Process(proc.pid)
     peak_main = peak_total = 0
     while proc.poll() is None:
@@ -97,34 +119,48 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--response-tokens", type=int, default=256)
-    parser.add_argument("--rust-threads", action="store_true",
-                        help="add a 1-worker run with the Rust tokenizer's thread pool on")
+    parser.add_argument(
+        "--rust-threads",
+        action="store_true",
+        help="add a 1-worker run with the Rust tokenizer's thread pool on",
+    )
     parser.add_argument("--workdir", default=None, help="default: a temporary folder")
     args = parser.parse_args()
-    from megatron_rift.data.tiny_tokenizers import build_wordlevel_tokenizer
+    sys.path.insert(0, str(REPO))  # run as a script: tests/ is importable from the repo root only
+    from tests.tiny_tokenizers import build_wordlevel_tokenizer
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         tokenizer = build_wordlevel_tokenizer(tmp / "tokenizer", VOCAB_WORDS)
         print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.2f}")
-        print("| rollouts | input MiB | workers | wall s | rollouts/s | tokens/s | CPU s | "
-              "rollouts per CPU-s | load avg | peak RSS main (MiB) | peak RSS main+workers (MiB) |")
+        print(
+            "| rollouts | input MiB | workers | wall s | rollouts/s | tokens/s | CPU s | "
+            "rollouts per CPU-s | load avg | peak RSS main (MiB) | peak RSS main+workers (MiB) |"
+        )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for size in args.sizes:
             data = tmp / f"rollouts_{size}.jsonl"
             write_rollouts(data, size, args.prompt_tokens, args.response_tokens)
             runs = [(w, False) for w in args.workers] + [(1, True)] * args.rust_threads
             for workers, rust_threads in runs:
-                r = run_one(data, tokenizer, tmp / f"packed_{size}_{workers}_{rust_threads}",
-                            workers, rust_threads)
+                r = run_one(
+                    data,
+                    tokenizer,
+                    tmp / f"packed_{size}_{workers}_{rust_threads}",
+                    workers,
+                    rust_threads,
+                )
                 assert r["rollouts"] == size
                 label = f"{workers} + Rust threads" if rust_threads else str(workers)
-                print(f"| {size} | {data.stat().st_size / 2**20:.0f} | {label} | "
-                      f"{r['seconds']:.1f} | {size / r['seconds']:.0f} | "
-                      f"{r['tokens'] / r['seconds'] / 1e6:.2f}M | {r['cpu_seconds']:.1f} | "
-                      f"{size / r['cpu_seconds']:.0f} | {os.getloadavg()[0]:.1f} | "
-                      f"{r['peak_main_mib']:.0f} | "
-                      f"{r['peak_total_mib']:.0f} |", flush=True)
+                print(
+                    f"| {size} | {data.stat().st_size / 2**20:.0f} | {label} | "
+                    f"{r['seconds']:.1f} | {size / r['seconds']:.0f} | "
+                    f"{r['tokens'] / r['seconds'] / 1e6:.2f}M | {r['cpu_seconds']:.1f} | "
+                    f"{size / r['cpu_seconds']:.0f} | {os.getloadavg()[0]:.1f} | "
+                    f"{r['peak_main_mib']:.0f} | "
+                    f"{r['peak_total_mib']:.0f} |",
+                    flush=True,
+                )
             data.unlink()
         print(f"load average after: {os.getloadavg()[0]:.2f}")
 

@@ -1,6 +1,8 @@
 """Trainer step throughput and memory per objective, on one tiny model in one process.
 
-Every objective runs the trainer's own step (``megatron_rift.training.step.train_step``: Megatron's
+The objectives are the registry's (``megatron_rift.objectives``): one row per token objective, one
+per preference objective, and for DPO a second row with the online reference. Every objective
+runs the trainer's own step (``megatron_rift.training.step.train_step``: Megatron's
 forward-backward schedule, DDP, the Megatron optimizer) on the same model and the same synthetic
 micro-batches. Objectives are interleaved one step at a time, in a rotated order each round, so
 machine load hits all of them alike. Reported: median tokens/s (wall clock), and the median over
@@ -22,7 +24,8 @@ Memory:
   saved activations are alive; measured once with a dispatch mode that tracks live storages).
 
 Preference rows (``dpo (precomputed)``, ``dpo (online)``, ``kto``, ``simpo``) run the trainer's
-preference path (``make_forward_step`` with ``PreferenceSettings``) on the very same rows as sft:
+preference path (``make_forward_step`` with the objective's ``LossSettings``, its default beta)
+on the very same rows as sft:
 a micro-batch of b rows is b/2 (chosen, rejected) pairs for dpo/simpo and b/2 (sample, mismatched
 KL sample) units for kto, so every row processes the same sequences and tokens per step.
 ``dpo (precomputed)`` and ``kto`` read ``ref_logprobs`` from the batch (scored once, before the
@@ -45,12 +48,32 @@ import weakref
 
 import torch
 
-OBJECTIVES = ("sft", "dft", "rft", "rift", "naive")
-# Preference rows: row name -> (objective, scored by the online reference model).
-PREFERENCE_ROWS = {"dpo (precomputed)": ("dpo", False), "dpo (online)": ("dpo", True),
-                   "kto": ("kto", False), "simpo": ("simpo", False)}
+from megatron_rift.objectives import DPO, SFT, Objective, Unit, get_objective, objectives
+
+BASELINE = SFT.name  # the "vs sft" columns
+OBJECTIVES = tuple(o.name for o in objectives() if o.unit is Unit.ROLLOUT)
+# The preference objective that also gets a row with the online reference (--reference online).
+ONLINE_OBJECTIVE = DPO
+
+
+def _preference_rows() -> dict[str, tuple[Objective, bool]]:
+    """Row name -> (preference objective, scored by the online reference model)."""
+    rows = {}
+    for objective in objectives():
+        if objective.unit is Unit.ROLLOUT:
+            continue
+        if objective is ONLINE_OBJECTIVE:
+            rows[f"{objective.name} (precomputed)"] = (objective, False)
+            rows[f"{objective.name} (online)"] = (objective, True)
+        else:
+            rows[objective.name] = (objective, False)
+    return rows
+
+
+PREFERENCE_ROWS = _preference_rows()
 ROWS = OBJECTIVES + tuple(PREFERENCE_ROWS)
-TARGET_ROW, TARGET_RATIO = "dpo (precomputed)", 1.05  # issue target: <= 1.05x sft peak memory
+# Issue target: <= 1.05x sft peak memory.
+TARGET_ROW, TARGET_RATIO = f"{ONLINE_OBJECTIVE.name} (precomputed)", 1.05
 
 
 def parse():
@@ -61,33 +84,44 @@ def parse():
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=30,
-                   help="rounds of one step per objective (interleaved)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1: CPU time measures the work itself)")
+    p.add_argument(
+        "--rounds", type=int, default=30, help="rounds of one step per objective (interleaved)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: CPU time measures the work itself)",
+    )
     p.add_argument("--json", action="store_true", help="print the table as JSON too")
     return p.parse_args()
 
 
 def build(bench):
+    """(the run's TrainConfig, the trainer's TrainingComponents) for a from-scratch model."""
     from megatron_rift.parallel import init_distributed
-    from megatron_rift.training.arguments import parse_args
+    from megatron_rift.training.config import DataConfig, ScheduleConfig, TrainConfig
+    from megatron_rift.training.preflight import RunPlan
     from megatron_rift.training.setup import setup_training
-    from megatron_rift.training.validation import RunPlan
 
     init_distributed(1, 1, seed=0)
-    flags = ["--data-path", "unused", "--num-layers", str(bench.num_layers),
-             "--hidden-size", str(bench.hidden_size),
-             "--num-attention-heads", str(bench.num_attention_heads),
-             "--micro-batch-size", str(bench.micro_batch_size),
-             "--global-batch-size", str(bench.micro_batch_size)]
-    args = parse_args(flags)
-    arch = dict(num_layers=bench.num_layers, hidden_size=bench.hidden_size,
-                num_attention_heads=bench.num_attention_heads, vocab_size=bench.vocab_size,
-                max_position_embeddings=bench.seq_length)
-    plan = RunPlan(1, 1, 1, 1, 1, 1e-5, 10**6, 0, 10**6, 0, {}, arch, "benchmark", "scratch",
-                   None, None)
-    return args, setup_training(args, plan)
+    config = TrainConfig(
+        data=DataConfig(data_path="unused"),
+        schedule=ScheduleConfig(
+            micro_batch_size=bench.micro_batch_size, global_batch_size=bench.micro_batch_size
+        ),
+    )
+    arch = dict(
+        num_layers=bench.num_layers,
+        hidden_size=bench.hidden_size,
+        num_attention_heads=bench.num_attention_heads,
+        vocab_size=bench.vocab_size,
+        max_position_embeddings=bench.seq_length,
+    )
+    plan = RunPlan(
+        1, 1, 1, 1, 1, 1e-5, 10**6, 0, 10**6, 0, {}, arch, "benchmark", "scratch", None, None
+    )
+    return config, setup_training(config, plan)
 
 
 def synthetic_batch(bench, device):
@@ -98,25 +132,34 @@ def synthetic_batch(bench, device):
     tokens = torch.randint(0, bench.vocab_size, (b, s), generator=g)
     labels = torch.roll(tokens, -1, dims=1)
     loss_mask = torch.zeros(b, s)
-    loss_mask[:, s // 4:-1] = 1.0
+    loss_mask[:, s // 4 : -1] = 1.0
     rewards = torch.tensor([1.0 if i % 2 == 0 else -0.2 for i in range(b)])
-    batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
-             "position_ids": torch.arange(s).expand(b, s).contiguous(), "rewards": rewards}
+    batch = {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "position_ids": torch.arange(s).expand(b, s).contiguous(),
+        "rewards": rewards,
+    }
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def preference_batch(batch, objective, ref_logprobs=None):
+def preference_batch(batch, objective: Objective, ref_logprobs=None):
     """The same rows as ``batch`` as a preference micro-batch (one sample per row, as
-    ``collate_rollouts`` lays out unpacked rows): dpo/simpo roles alternate CHOSEN, REJECTED (b/2
-    pairs); kto's alternate a desirable or undesirable sample with its KL_SAMPLE (b/2 units)."""
-    from megatron_rift.losses import CHOSEN, KL_SAMPLE, REJECTED
+    ``collate_rollouts`` lays out unpacked rows): pair units (dpo, simpo) alternate CHOSEN,
+    REJECTED (b/2 pairs); mismatched units (kto) alternate a desirable or undesirable sample with
+    its KL_SAMPLE (b/2 units)."""
+    from megatron_rift.roles import CHOSEN, KL_SAMPLE, REJECTED
 
     b, s = batch["tokens"].shape
     if b % 2:
         raise SystemExit("--micro-batch-size must be even (preference rows hold pairs)")
-    if objective == "kto":
-        roles = [role for unit in range(b // 2)
-                 for role in ((CHOSEN if unit % 2 == 0 else REJECTED), KL_SAMPLE)]
+    if objective.unit is Unit.MISMATCHED:
+        roles = [
+            role
+            for unit in range(b // 2)
+            for role in ((CHOSEN if unit % 2 == 0 else REJECTED), KL_SAMPLE)
+        ]
     else:
         roles = [CHOSEN, REJECTED] * (b // 2)
     device = batch["tokens"].device
@@ -129,12 +172,16 @@ def preference_batch(batch, objective, ref_logprobs=None):
 
 
 def build_frozen_reference(components):
-    """The frozen reference of ``--reference online`` (``setup.build_frozen_model``), with the
-    policy's current weights copied in: the benchmark has no checkpoint to load."""
-    from megatron_rift.training.setup import build_frozen_model
+    """The frozen reference of ``--reference online`` (``model.stage.build_frozen_model``), with
+    the policy's current weights copied in: the benchmark has no checkpoint to load."""
+    from megatron_rift.model.stage import build_frozen_model
 
-    return build_frozen_model(components.arch, components.config, components.use_te,
-                              state_dict=components.model[0].module.state_dict())
+    return build_frozen_model(
+        components.arch,
+        components.config,
+        components.use_te,
+        state_dict=components.model[0].module.state_dict(),
+    )
 
 
 def reference_logprobs(reference, batch):
@@ -142,8 +189,9 @@ def reference_logprobs(reference, batch):
     from megatron_rift.losses import sequence_logprobs
 
     b = batch["tokens"].shape[0]
-    segment_ids = torch.arange(b, device=batch["tokens"].device).unsqueeze(-1).expand_as(
-        batch["tokens"])
+    segment_ids = (
+        torch.arange(b, device=batch["tokens"].device).unsqueeze(-1).expand_as(batch["tokens"])
+    )
     with torch.no_grad():
         ce = reference(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return sequence_logprobs(ce, batch["loss_mask"], segment_ids, b)[0].float()
@@ -280,11 +328,10 @@ def measure_saved_bytes(forward_step, model, batch):
 def main():
     bench = parse()
     from megatron_rift.cpu_compat import cpu_compat_active
-    from megatron_rift.losses import DEFAULT_BETA, PreferenceSettings
-    from megatron_rift.training.step import make_forward_step, train_step
+    from megatron_rift.training.step import loss_settings, make_forward_step, train_step
 
     torch.set_num_threads(bench.threads)
-    args, components = build(bench)
+    config, components = build(bench)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     on_gpu = device.type == "cuda"
     batch = synthetic_batch(bench, device)
@@ -295,23 +342,39 @@ def main():
     reference_allocated = torch.cuda.memory_allocated() - reference_allocated if on_gpu else 0
     ref_logprobs = reference_logprobs(reference, batch)  # "precomputed", before any step
     steps, batches = {}, {}
+    # The trainer's defaults (negative mode token, each objective's own beta).
     for name in OBJECTIVES:
-        steps[name] = make_forward_step(name, "token", packed=False, use_te=components.use_te)
+        objective = get_objective(name)
+        steps[name] = make_forward_step(
+            objective,
+            loss_settings(objective, config.objective),
+            packed=False,
+            use_te=components.use_te,
+        )
         batches[name] = batch
     for name, (objective, online) in PREFERENCE_ROWS.items():
-        settings = PreferenceSettings(beta=DEFAULT_BETA[objective])
-        steps[name] = make_forward_step(objective, "token", packed=False,
-                                        use_te=components.use_te, preference=settings,
-                                        reference_model=reference if online else None)
-        needs_ref = objective in ("dpo", "kto") and not online
+        steps[name] = make_forward_step(
+            objective,
+            loss_settings(objective, config.objective),
+            packed=False,
+            use_te=components.use_te,
+            reference_model=reference if online else None,
+        )
+        needs_ref = objective.reference and not online
         batches[name] = preference_batch(batch, objective, ref_logprobs if needs_ref else None)
     uses_reference = {name: PREFERENCE_ROWS.get(name, (None, False))[1] for name in ROWS}
     times = {name: [] for name in ROWS}
     cpu_times = {name: [] for name in ROWS}
-    peak = {name: 0 for name in ROWS}
+    peak = dict.fromkeys(ROWS, 0)
     for name in ROWS:  # warm-up (allocator, kernels, optimizer state) outside the measurement
-        train_step(components, iter([batches[name]]), 1, bench.seq_length,
-                   bench.micro_batch_size, steps[name])
+        train_step(
+            components,
+            iter([batches[name]]),
+            1,
+            bench.seq_length,
+            bench.micro_batch_size,
+            steps[name],
+        )
     # One step per objective per round, in a rotated order: neighbouring steps share the machine's
     # load, so the per-round ratios to sft are robust even when the load drifts.
     for round_index in range(bench.rounds):
@@ -321,88 +384,132 @@ def main():
                 torch.cuda.reset_peak_memory_stats()
                 torch.cuda.synchronize()
             start, cpu_start = time.perf_counter(), time.process_time()
-            train_step(components, iter([batches[name]]), 1, bench.seq_length,
-                       bench.micro_batch_size, steps[name])
+            train_step(
+                components,
+                iter([batches[name]]),
+                1,
+                bench.seq_length,
+                bench.micro_batch_size,
+                steps[name],
+            )
             if on_gpu:
                 torch.cuda.synchronize()
                 # The reference's weights are resident all run; only dpo (online) needs them.
                 used = torch.cuda.max_memory_allocated() - (
-                    0 if uses_reference[name] else reference_allocated)
+                    0 if uses_reference[name] else reference_allocated
+                )
                 peak[name] = max(peak[name], used)
             times[name].append(time.perf_counter() - start)
             cpu_times[name].append(time.process_time() - cpu_start)
-    saved = {name: measure_saved_bytes(steps[name], components.model[0], batches[name])
-             for name in ROWS}
+    saved = {
+        name: measure_saved_bytes(steps[name], components.model[0], batches[name]) for name in ROWS
+    }
     policy_state = storage_bytes(policy_state_tensors(components))
     reference_state = storage_bytes(reference_state_tensors(reference))
-    model_state = {name: policy_state + (reference_state if uses_reference[name] else 0)
-                   for name in ROWS}
+    model_state = {
+        name: policy_state + (reference_state if uses_reference[name] else 0) for name in ROWS
+    }
     reference_forward = reference_forward_bytes(reference, batch)
     transient = {name: reference_forward if uses_reference[name] else 0 for name in ROWS}
     # On a GPU the wall clock is the measure; on a (shared) CPU the process's own CPU time is far
     # less disturbed by other processes' load, so ratios use it there.
     ratio_times = times if on_gpu else cpu_times
-    report(bench, times, ratio_times, peak, saved, model_state, transient, tokens_per_step, device,
-           cpu_compat_active())
+    report(
+        bench,
+        times,
+        ratio_times,
+        peak,
+        saved,
+        model_state,
+        transient,
+        tokens_per_step,
+        device,
+        cpu_compat_active(),
+    )
 
 
-def report(bench, times, ratio_times, peak, saved, model_state, transient, tokens_per_step, device,
-           compat):
+def report(
+    bench, times, ratio_times, peak, saved, model_state, transient, tokens_per_step, device, compat
+):
     on_gpu = device.type == "cuda"
     # The peak-memory figure: the real allocator peak on GPU; on CPU saved activations (the
     # forward/backward boundary) plus the model state held all run long, plus the online
     # reference's forward temporaries (alive at that boundary too).
-    total = {name: peak[name] if on_gpu else saved[name][0] + model_state[name] + transient[name]
-             for name in ROWS}
+    total = {
+        name: peak[name] if on_gpu else saved[name][0] + model_state[name] + transient[name]
+        for name in ROWS
+    }
     rows = []
     for name in ROWS:
         tps = tokens_per_step / statistics.median(times[name])
         # Median over rounds of (sft step time / this objective's step time in the same round).
-        ratio = statistics.median(s / t for s, t in zip(ratio_times["sft"], ratio_times[name]))
-        row = {"objective": name, "tokens_per_s": tps, "tokens_per_s_vs_sft": ratio,
-               "step_time_vs_sft": 1.0 / ratio,
-               "saved_for_backward_mib": saved[name][0] / 2**20,
-               "saved_vs_sft": saved[name][0] / saved["sft"][0],
-               "loss_path_saved_kib": saved[name][1] / 2**10,
-               "model_state_mib": model_state[name] / 2**20,
-               "reference_forward_mib": transient[name] / 2**20,
-               "peak_measure": ("max_memory_allocated" if on_gpu else
-                                "saved + model state + reference forward"),
-               "peak_mib": total[name] / 2**20, "peak_vs_sft": total[name] / total["sft"],
-               "steps_timed": len(times[name])}
+        ratio = statistics.median(s / t for s, t in zip(ratio_times[BASELINE], ratio_times[name]))
+        row = {
+            "objective": name,
+            "tokens_per_s": tps,
+            "tokens_per_s_vs_sft": ratio,
+            "step_time_vs_sft": 1.0 / ratio,
+            "saved_for_backward_mib": saved[name][0] / 2**20,
+            "saved_vs_sft": saved[name][0] / saved[BASELINE][0],
+            "loss_path_saved_kib": saved[name][1] / 2**10,
+            "model_state_mib": model_state[name] / 2**20,
+            "reference_forward_mib": transient[name] / 2**20,
+            "peak_measure": (
+                "max_memory_allocated" if on_gpu else "saved + model state + reference forward"
+            ),
+            "peak_mib": total[name] / 2**20,
+            "peak_vs_sft": total[name] / total[BASELINE],
+            "steps_timed": len(times[name]),
+        }
         rows.append(row)
-    print(f"# {bench.num_layers} layers, hidden {bench.hidden_size}, vocab {bench.vocab_size}, "
-          f"micro-batch {bench.micro_batch_size} x seq {bench.seq_length} (preference rows: "
-          f"{bench.micro_batch_size // 2} pairs/units of 2 rows); {bench.rounds} "
-          f"interleaved steps per objective; device {device}"
-          + ("" if on_gpu else f", {bench.threads} thread(s); 'vs sft' of tokens/s and step time "
-             "from per-round CPU-time ratios")
-          + (" (CUDA->CPU remap active)" if compat else ""))
+    print(
+        f"# {bench.num_layers} layers, hidden {bench.hidden_size}, vocab {bench.vocab_size}, "
+        f"micro-batch {bench.micro_batch_size} x seq {bench.seq_length} (preference rows: "
+        f"{bench.micro_batch_size // 2} pairs/units of 2 rows); {bench.rounds} "
+        f"interleaved steps per objective; device {device}"
+        + (
+            ""
+            if on_gpu
+            else f", {bench.threads} thread(s); 'vs sft' of tokens/s and step time "
+            "from per-round CPU-time ratios"
+        )
+        + (" (CUDA->CPU remap active)" if compat else "")
+    )
     if on_gpu:
-        print("# peak memory = torch.cuda.max_memory_allocated over the row's steps (the reference "
-              "model's weights counted for dpo (online) only)")
+        print(
+            "# peak memory = torch.cuda.max_memory_allocated over the row's steps (the reference "
+            "model's weights counted for dpo (online) only)"
+        )
     else:
-        print("# peak memory = saved-for-backward activations + model state (policy parameters, "
-              "gradient buffers, optimizer state; + frozen reference parameters for dpo (online)) "
-              "+ reference forward (dpo (online): transient peak of its no_grad scoring)")
-    head = ("| objective | tokens/s | tokens/s vs sft | step time vs sft | "
-            "saved for backward (MiB) | vs sft | loss path (KiB) | model state (MiB) | "
-            "reference forward (MiB) | "
-            + ("peak allocated (MiB)" if on_gpu else "peak = saved + state + ref fwd (MiB)")
-            + " | peak vs sft |")
+        print(
+            "# peak memory = saved-for-backward activations + model state (policy parameters, "
+            "gradient buffers, optimizer state; + frozen reference parameters for dpo (online)) "
+            "+ reference forward (dpo (online): transient peak of its no_grad scoring)"
+        )
+    head = (
+        "| objective | tokens/s | tokens/s vs sft | step time vs sft | "
+        "saved for backward (MiB) | vs sft | loss path (KiB) | model state (MiB) | "
+        "reference forward (MiB) | "
+        + ("peak allocated (MiB)" if on_gpu else "peak = saved + state + ref fwd (MiB)")
+        + " | peak vs sft |"
+    )
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
-        print(f"| {r['objective']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s_vs_sft']:.3f} | "
-              f"{r['step_time_vs_sft']:.3f} | {r['saved_for_backward_mib']:.2f} | "
-              f"{r['saved_vs_sft']:.4f} | {r['loss_path_saved_kib']:.1f} | "
-              f"{r['model_state_mib']:.2f} | {r['reference_forward_mib']:.2f} | "
-              f"{r['peak_mib']:.2f} | {r['peak_vs_sft']:.4f} |")
+        print(
+            f"| {r['objective']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s_vs_sft']:.3f} | "
+            f"{r['step_time_vs_sft']:.3f} | {r['saved_for_backward_mib']:.2f} | "
+            f"{r['saved_vs_sft']:.4f} | {r['loss_path_saved_kib']:.1f} | "
+            f"{r['model_state_mib']:.2f} | {r['reference_forward_mib']:.2f} | "
+            f"{r['peak_mib']:.2f} | {r['peak_vs_sft']:.4f} |"
+        )
     target = next(r for r in rows if r["objective"] == TARGET_ROW)
     verdict = "PASS" if target["peak_vs_sft"] <= TARGET_RATIO else "FAIL"
-    print(f"{verdict}: {TARGET_ROW} peak memory = {target['peak_vs_sft']:.4f}x sft "
-          f"({rows[0]['peak_measure']}; target <= {TARGET_RATIO:.2f}x); saved activations "
-          f"{target['saved_vs_sft']:.4f}x sft")
+    print(
+        f"{verdict}: {TARGET_ROW} peak memory = {target['peak_vs_sft']:.4f}x sft "
+        f"({rows[0]['peak_measure']}; target <= {TARGET_RATIO:.2f}x); saved activations "
+        f"{target['saved_vs_sft']:.4f}x sft"
+    )
     if bench.json:
         print(json.dumps(rows))
 

@@ -27,26 +27,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-RELEASE = "release"
-
-
-def iteration_dir_name(iteration: int | str) -> str:
-    return RELEASE if iteration == RELEASE else f"iter_{int(iteration):07d}"
-
-
-def read_tracker(ckpt_root: str | Path) -> int | str | None:
-    """The iteration the tracker points at: an int, ``"release"``, or None when there is none."""
-    path = Path(ckpt_root) / TRACKER_FILE
-    if not path.is_file():
-        return None
-    text = path.read_text().strip()
-    if text == RELEASE:
-        return RELEASE
-    try:
-        return int(text)
-    except ValueError as err:
-        raise ValueError(f"{path}: expected an iteration number or 'release', found {text!r}") from err
+from megatron_rift.checkpoint_layout import (  # noqa: F401  (re-exported)
+    RELEASE,
+    TRACKER_FILE,
+    iteration_dir_name,
+    read_tracker,
+)
 
 
 def latest_checkpoint_dir(ckpt_root: str | Path) -> Path | None:
@@ -56,7 +42,9 @@ def latest_checkpoint_dir(ckpt_root: str | Path) -> Path | None:
         return None
     folder = Path(ckpt_root) / iteration_dir_name(iteration)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{ckpt_root}/{TRACKER_FILE} names {iteration!r} but {folder} is missing")
+        raise FileNotFoundError(
+            f"{ckpt_root}/{TRACKER_FILE} names {iteration!r} but {folder} is missing"
+        )
     return folder
 
 
@@ -91,8 +79,13 @@ def _write_text_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(ckpt_root: str | Path, iteration: int | str, sharded_state_dict: dict,
-                    keep_last: int | None = None, before_publish=None) -> Path:
+def save_checkpoint(
+    ckpt_root: str | Path,
+    iteration: int | str,
+    sharded_state_dict: dict,
+    keep_last: int | None = None,
+    before_publish=None,
+) -> Path:
     """Save ``sharded_state_dict`` (collective: every rank calls it) and publish it atomically.
 
     Returns the published folder. ``keep_last`` prunes older ``iter_*`` folders after publishing.
@@ -147,7 +140,9 @@ def model_sharded_state_dict(model_chunks) -> dict:
     """``{"model": ...}`` for one model chunk (virtual pipeline chunks are not supported yet)."""
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     if len(chunks) != 1:
-        raise NotImplementedError("virtual pipeline parallelism (several model chunks) is not supported")
+        raise NotImplementedError(
+            "virtual pipeline parallelism (several model chunks) is not supported"
+        )
     return {"model": unwrap_model(chunks[0]).sharded_state_dict()}
 
 

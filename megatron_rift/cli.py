@@ -34,8 +34,9 @@ SUBCOMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="megatron-rift",
-                                     description="Reward-Informed Fine-Tuning on Megatron-Core")
+    parser = argparse.ArgumentParser(
+        prog="megatron-rift", description="Reward-Informed Fine-Tuning on Megatron-Core"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)

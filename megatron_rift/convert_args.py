@@ -9,11 +9,22 @@ from __future__ import annotations
 
 def add_verify_arguments(parser) -> None:
     """The --verify flags both converter CLIs share."""
-    parser.add_argument("--verify", action="store_true",
-                        help="run both models on the same token ids; print max_abs_logit_diff=; "
-                             "fail above the tolerance")
-    parser.add_argument("--verify-dtype", choices=["fp32", "bf16"], default="fp32",
-                        help="precision both models compute in for --verify (weights at the stored "
-                             "precision); bf16 halves the memory, with a looser tolerance")
-    parser.add_argument("--verify-tolerance", type=float, default=None,
-                        help="default: 1e-4 in fp32; in bf16 5%% of the HF model's max |logit|")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="run both models on the same token ids; print max_abs_logit_diff=; "
+        "fail above the tolerance",
+    )
+    parser.add_argument(
+        "--verify-dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="precision both models compute in for --verify (weights at the stored "
+        "precision); bf16 halves the memory, with a looser tolerance",
+    )
+    parser.add_argument(
+        "--verify-tolerance",
+        type=float,
+        default=None,
+        help="default: 1e-4 in fp32; in bf16 5%% of the HF model's max |logit|",
+    )

@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 _CPU = torch.device("cpu")
 _lock = threading.Lock()
-_mode: "_CudaToCpuMode | None" = None
+_mode: _CudaToCpuMode | None = None
 
 
 def _is_cuda_device(device) -> bool:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from megatron_rift.jsonl import iter_json_objects
 
@@ -55,7 +55,9 @@ class RecordError(ValueError):
 def _record_correct(record: dict, where: str) -> bool:
     if "correct" in record and record["correct"] is not None:
         if not isinstance(record["correct"], (bool, int)) or record["correct"] not in (0, 1):
-            raise RecordError(f"{where}: field 'correct' must be true/false, got {record['correct']!r}")
+            raise RecordError(
+                f"{where}: field 'correct' must be true/false, got {record['correct']!r}"
+            )
         return bool(record["correct"])
     reward = record.get("reward")
     if isinstance(reward, bool) or not isinstance(reward, (int, float)) or math.isnan(reward):
@@ -67,11 +69,14 @@ def _problem_key(record: dict, where: str) -> str:
     for key in _PROBLEM_KEYS:
         if record.get(key) is not None:
             return f"{key}:{record[key]}"
-    raise RecordError(f"{where}: needs a field naming its problem: one of {', '.join(_PROBLEM_KEYS)}")
+    raise RecordError(
+        f"{where}: needs a field naming its problem: one of {', '.join(_PROBLEM_KEYS)}"
+    )
 
 
-def read_outcomes(paths: Iterable[str | Path], benchmark_field: str | None = None
-                  ) -> dict[str, dict[str, list[bool]]]:
+def read_outcomes(
+    paths: Iterable[str | Path], benchmark_field: str | None = None
+) -> dict[str, dict[str, list[bool]]]:
     """Read generation files -> ``{benchmark: {problem_key: [correct, ...]}}`` (benchmarks in first-seen
     order). Raises RecordError (file:line) on a bad record."""
     outcomes: dict[str, dict[str, list[bool]]] = {}
@@ -99,31 +104,44 @@ def score_benchmark(name: str, problems: dict[str, list[bool]], k: int) -> Bench
     short = [(key, len(samples)) for key, samples in problems.items() if len(samples) < k]
     if short:
         key, n = short[0]
-        raise ValueError(f"benchmark {name!r}: problem {key} has {n} samples, fewer than k={k} "
-                         f"({len(short)} problem(s) short); generate more samples or lower --k")
+        raise ValueError(
+            f"benchmark {name!r}: problem {key} has {n} samples, fewer than k={k} "
+            f"({len(short)} problem(s) short); generate more samples or lower --k"
+        )
     means = [sum(samples) / len(samples) for samples in problems.values()]
     passes = [pass_at_k(len(samples), sum(samples), k) for samples in problems.values()]
-    return BenchmarkScore(name, len(problems), sum(len(s) for s in problems.values()),
-                          sum(means) / len(means), sum(passes) / len(passes))
+    return BenchmarkScore(
+        name,
+        len(problems),
+        sum(len(s) for s in problems.values()),
+        sum(means) / len(means),
+        sum(passes) / len(passes),
+    )
 
 
-def evaluate_files(paths: Iterable[str | Path], k: int = 8,
-                   benchmark_field: str | None = None) -> list[BenchmarkScore]:
+def evaluate_files(
+    paths: Iterable[str | Path], k: int = 8, benchmark_field: str | None = None
+) -> list[BenchmarkScore]:
     outcomes = read_outcomes(paths, benchmark_field)
     return [score_benchmark(name, problems, k) for name, problems in outcomes.items()]
 
 
 def average(scores: list[BenchmarkScore]) -> dict[str, float]:
     """Unweighted mean over benchmarks of Mean@k and Pass@k."""
-    return {"mean_at_k": sum(s.mean_at_k for s in scores) / len(scores),
-            "pass_at_k": sum(s.pass_at_k for s in scores) / len(scores)}
+    return {
+        "mean_at_k": sum(s.mean_at_k for s in scores) / len(scores),
+        "pass_at_k": sum(s.pass_at_k for s in scores) / len(scores),
+    }
 
 
 def results_dict(scores: list[BenchmarkScore], k: int, method: str) -> dict:
     """JSON-ready results: ``{"method", "k", "benchmarks": {name: {...}}, "average": {...}}``."""
-    return {"method": method, "k": k,
-            "benchmarks": {s.name: dataclasses.asdict(s) for s in scores},
-            "average": average(scores)}
+    return {
+        "method": method,
+        "k": k,
+        "benchmarks": {s.name: dataclasses.asdict(s) for s in scores},
+        "average": average(scores),
+    }
 
 
 def markdown_table(results: list[dict], metric: str) -> str:
@@ -137,9 +155,13 @@ def markdown_table(results: list[dict], metric: str) -> str:
     for result in results:
         names += [name for name in result["benchmarks"] if name not in names]
     ks = {result["k"] for result in results}
-    label = ("Mean" if metric == "mean_at_k" else "Pass") + (f"@{ks.pop()}" if len(ks) == 1 else "@k")
-    lines = [f"| Method ({label}) | " + " | ".join(names) + " | Avg. |",
-             "|---|" + "---|" * (len(names) + 1)]
+    label = ("Mean" if metric == "mean_at_k" else "Pass") + (
+        f"@{ks.pop()}" if len(ks) == 1 else "@k"
+    )
+    lines = [
+        f"| Method ({label}) | " + " | ".join(names) + " | Avg. |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
     for result in results:
         cells = []
         for name in names:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
-def iter_json_objects(path: str | Path, error: type[Exception] = ValueError
-                      ) -> Iterator[tuple[int, str, dict]]:
+def iter_json_objects(
+    path: str | Path, error: type[Exception] = ValueError
+) -> Iterator[tuple[int, str, dict]]:
     """Yield ``(line_number, "FILE:LINE", record)`` for each non-blank line of a JSONL file.
 
     Raises ``error("FILE:LINE: ...")`` on a line that is not valid JSON or not a JSON object, so

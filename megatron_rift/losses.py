@@ -1,6 +1,9 @@
 """The RIFT loss family on Megatron-Core's per-token cross-entropy.
 
-Every objective here is a function of the per-token cross-entropy ``ce_t = -log p_t`` that
+Each objective's loss here follows the contract of :class:`megatron_rift.objectives.Objective`
+(``loss(per_token_ce, batch, settings, data_parallel_group) -> (loss_sum, count, metrics)``); the
+registry in :mod:`megatron_rift.objectives` says which function serves which objective. Every one is
+a function of the per-token cross-entropy ``ce_t = -log p_t`` that
 ``GPTModel.forward(..., labels=...)`` already returns (``vocab_parallel_cross_entropy`` under tensor
 parallelism, TE's fused CE when enabled). With ``p_t = exp(-ce_t)``, autograd through Megatron's own
 CE gives exact gradients under TP, on the last pipeline stage and with FP8 layers; the model is
@@ -38,7 +41,7 @@ The final loss is ``loss_sum / num_tokens`` where both are summed over micro-bat
 data-parallel ranks: Megatron's schedule does that division when
 ``TransformerConfig.calculate_per_token_loss`` is set (see :func:`make_loss_func`).
 
-Preference baselines (:data:`PREFERENCE_OBJECTIVES`, :func:`compute_preference_loss`) work on
+Preference baselines (:func:`dpo_loss`, :func:`kto_loss`, :func:`simpo_loss`) work on
 whole responses: ``log pi(y|x) = -sum_t ce_t`` over a sample's response tokens, from the same
 per-token CE. Their "count" is pairs (``dpo``, ``simpo``) or samples (``kto``), so the schedule's
 division gives the usual per-pair / per-sample mean:
@@ -62,52 +65,89 @@ detached.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-TOKEN_OBJECTIVES = ("sft", "dft", "rft", "rift", "naive")
-PREFERENCE_OBJECTIVES = ("dpo", "kto", "simpo")
-OBJECTIVES = TOKEN_OBJECTIVES + PREFERENCE_OBJECTIVES
-PAIRED_OBJECTIVES = ("dpo", "simpo")  # trained on (chosen, rejected) pairs
-REFERENCE_OBJECTIVES = ("dpo", "kto")  # need the reference model's log-probs
-NEGATIVE_MODES = ("token", "sequence", "geometric")
-
-# Paper section 4.1: 1e-5 for SFT and RFT, a more conservative 2e-6 for RIFT and DPO.
-# KTO and SimPO: the paper's tables 9-10 use MS-Swift defaults; we give them DPO's rate.
-DEFAULT_LR = {"sft": 1e-5, "dft": 1e-5, "rft": 1e-5, "rift": 2e-6, "naive": 2e-6, "dpo": 2e-6,
-              "kto": 2e-6, "simpo": 2e-6}
-
-# Sample roles inside a preference micro-batch (``roles`` of compute_preference_loss).
-CHOSEN, REJECTED, KL_SAMPLE = 1, -1, 0  # kto: desirable = CHOSEN, undesirable = REJECTED
+from megatron_rift.roles import CHOSEN, KL_SAMPLE, REJECTED
 
 
 @dataclasses.dataclass(frozen=True)
-class PreferenceSettings:
-    """Hyper-parameters of the preference objectives (trainer flags in brackets)."""
+class LossSettings:
+    """Hyper-parameters of the losses (trainer flags in brackets)."""
 
+    negative_mode: str = "token"  # [--negative-mode] how rift scores negatives (module docstring)
     beta: float = 0.1  # [--beta] DPO/KTO 0.1 (their papers' defaults); SimPO wants ~2
     simpo_gamma: float = 1.0  # [--simpo-gamma] target reward margin (SimPO: gamma/beta ~ 0.5)
     desirable_weight: float = 1.0  # [--kto-desirable-weight] KTO's lambda_D
     undesirable_weight: float = 1.0  # [--kto-undesirable-weight] KTO's lambda_U
 
 
-DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "simpo": 2.0}
+@dataclasses.dataclass
+class TokenView:
+    """One micro-batch's per-token quantities, [b, s] each, as the token objectives see them."""
+
+    ce: torch.Tensor  # float, -log p_t
+    p: torch.Tensor  # exp(-ce), detached nowhere: terms choose what to detach
+    r: torch.Tensor  # the reward of the sample each token belongs to
+    mask: torch.Tensor  # bool, response tokens
+    positive: torch.Tensor  # mask & r > 0
+    negative: torch.Tensor  # mask & r < 0
+    segment_ids: torch.Tensor | None  # sample index within a packed row (None: a row is a sample)
 
 
-def compute_loss(per_token_ce: torch.Tensor, loss_mask: torch.Tensor, rewards: torch.Tensor,
-                 objective: str, negative_mode: str = "token",
-                 segment_ids: torch.Tensor | None = None):
-    """Loss sum, counted tokens and metrics of one micro-batch.
+# A token objective's terms: (per-token loss terms [b, s], which tokens are counted [b, s] bool).
+TokenTerms = Callable[[TokenView, LossSettings], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def sft_terms(v: TokenView, settings: LossSettings):
+    return v.ce, v.mask
+
+
+def dft_terms(v: TokenView, settings: LossSettings):
+    return v.p.detach() * v.ce, v.mask
+
+
+def rft_terms(v: TokenView, settings: LossSettings):
+    return v.ce, v.positive
+
+
+def naive_terms(v: TokenView, settings: LossSettings):
+    return v.r * v.ce, v.mask
+
+
+def rift_terms(v: TokenView, settings: LossSettings):
+    if settings.negative_mode == "token":
+        negative_terms = -v.r * v.p
+    else:
+        negative_terms = -v.r * _sequence_probability(
+            v.ce, v.negative, settings.negative_mode, v.segment_ids
+        )
+    zero = torch.zeros_like(v.ce)
+    return torch.where(
+        v.positive, v.r * v.ce, torch.where(v.negative, negative_terms, zero)
+    ), v.mask
+
+
+def token_loss(
+    per_token_ce: torch.Tensor,
+    loss_mask: torch.Tensor,
+    rewards: torch.Tensor,
+    terms: TokenTerms,
+    settings: LossSettings = LossSettings(),
+    segment_ids: torch.Tensor | None = None,
+):
+    """Loss sum, counted tokens and metrics of one micro-batch under a token objective's ``terms``.
 
     Args:
         per_token_ce: [b, s] float, Megatron's per-token cross-entropy.
         loss_mask: [b, s], 1 on response tokens.
         rewards: [b] per-sample rewards, or [b, s] per-token rewards (packed rows, where each token
             carries the reward of the sample it belongs to).
-        objective: one of :data:`OBJECTIVES`.
-        negative_mode: one of :data:`NEGATIVE_MODES` (used by ``rift`` only).
+        terms: e.g. :func:`rift_terms`.
+        settings: ``negative_mode`` is read by :func:`rift_terms`.
         segment_ids: [b, s] sample index within each packed row; only the sequence negative modes
             need it, and only for packed rows (otherwise a row is one sample).
 
@@ -116,46 +156,52 @@ def compute_loss(per_token_ce: torch.Tensor, loss_mask: torch.Tensor, rewards: t
         dict of detached ``tensor([sum, count])`` pairs whose ratio is the metric (so they add up
         across micro-batches and ranks).
     """
-    if objective not in TOKEN_OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of "
-                         f"{', '.join(TOKEN_OBJECTIVES)} (preference objectives: "
-                         "compute_preference_loss)")
-    if negative_mode not in NEGATIVE_MODES:
-        raise ValueError(f"unknown negative_mode {negative_mode!r}; choose one of "
-                         f"{', '.join(NEGATIVE_MODES)}")
     ce = per_token_ce.float()
     mask = loss_mask.to(ce.dtype) > 0
     r = rewards.to(ce.dtype)
     r = r.unsqueeze(-1).expand_as(ce) if r.dim() == 1 else r
     positive, negative = mask & (r > 0), mask & (r < 0)
     p = torch.exp(-ce)  # ce >= 0, so p in (0, 1]: no overflow for any logit
-
-    counted = mask
-    if objective == "sft":
-        terms = ce
-    elif objective == "dft":
-        terms = p.detach() * ce
-    elif objective == "rft":
-        terms, counted = ce, positive
-    elif objective == "naive":
-        terms = r * ce
-    else:  # rift
-        if negative_mode == "token":
-            negative_terms = -r * p
-        else:
-            negative_terms = -r * _sequence_probability(ce, negative, negative_mode, segment_ids)
-        terms = torch.where(positive, r * ce, torch.where(negative, negative_terms, torch.zeros_like(ce)))
-
+    view = TokenView(ce, p, r, mask, positive, negative, segment_ids)
+    values, counted = terms(view, settings)
     # torch.where, not a product: a masked-out position must not leak NaN/inf into the sum.
-    loss_sum = torch.where(counted, terms, torch.zeros_like(terms)).sum()
+    loss_sum = torch.where(counted, values, torch.zeros_like(values)).sum()
     num_tokens = counted.sum().to(torch.int)
-    metrics = _metrics(ce.detach(), p.detach(), mask, positive, negative)
+    metrics = _token_metrics(ce.detach(), p.detach(), mask, positive, negative)
     return loss_sum, num_tokens, metrics
+
+
+def token_objective_loss(terms: TokenTerms):
+    """The objective contract's ``loss(per_token_ce, batch, settings, group)`` for ``terms``."""
+
+    def loss(
+        per_token_ce, batch, settings: LossSettings = LossSettings(), data_parallel_group=None
+    ):
+        return token_loss(
+            per_token_ce,
+            batch["loss_mask"],
+            batch["rewards"],
+            terms,
+            settings,
+            batch.get("segment_ids"),
+        )
+
+    loss.__doc__ = f"Token objective loss with :func:`{terms.__name__}`."
+    return loss
+
+
+sft_loss = token_objective_loss(sft_terms)
+dft_loss = token_objective_loss(dft_terms)
+rft_loss = token_objective_loss(rft_terms)
+rift_loss = token_objective_loss(rift_terms)
+naive_loss = token_objective_loss(naive_terms)
 
 
 def _sequence_probability(ce, negative, mode, segment_ids):
     """Per-token broadcast of each negative sample's pi(y|x) (``sequence``) or its geometric mean
     token probability (``geometric``); sample = (row, segment)."""
+    if mode not in ("sequence", "geometric"):
+        raise ValueError(f"unknown negative_mode {mode!r}; choose token, sequence or geometric")
     b, s = ce.shape
     rows = torch.arange(b, device=ce.device).unsqueeze(-1).expand(b, s)
     if segment_ids is None:
@@ -167,30 +213,30 @@ def _sequence_probability(ce, negative, mode, segment_ids):
         sample, num_samples = rows * width + seg, b * width
     neg_ce = torch.where(negative, ce, torch.zeros_like(ce))
     log_prob = torch.zeros(num_samples, dtype=ce.dtype, device=ce.device).index_add(
-        0, sample.reshape(-1), -neg_ce.reshape(-1))
+        0, sample.reshape(-1), -neg_ce.reshape(-1)
+    )
     if mode == "geometric":
         count = torch.zeros(num_samples, dtype=ce.dtype, device=ce.device).index_add(
-            0, sample.reshape(-1), negative.reshape(-1).to(ce.dtype))
+            0, sample.reshape(-1), negative.reshape(-1).to(ce.dtype)
+        )
         log_prob = log_prob / count.clamp(min=1)
     return torch.exp(log_prob)[sample]
 
 
-def _metrics(ce, p, mask, positive, negative):
-    def pair(value_sum, count):
-        return torch.stack([value_sum.float(), count.float()]).detach()
-
+def _token_metrics(ce, p, mask, positive, negative):
     n = mask.sum()
     return {
-        "ce": pair(torch.where(mask, ce, 0).sum(), n),
-        "positive_token_fraction": pair(positive.sum(), n),
-        "negative_token_fraction": pair(negative.sum(), n),
-        "p_positive": pair(torch.where(positive, p, 0).sum(), positive.sum()),
-        "p_negative": pair(torch.where(negative, p, 0).sum(), negative.sum()),
+        "ce": _pair(torch.where(mask, ce, 0).sum(), n),
+        "positive_token_fraction": _pair(positive.sum(), n),
+        "negative_token_fraction": _pair(negative.sum(), n),
+        "p_positive": _pair(torch.where(positive, p, 0).sum(), positive.sum()),
+        "p_negative": _pair(torch.where(negative, p, 0).sum(), negative.sum()),
     }
 
 
-def sequence_logprobs(per_token_ce: torch.Tensor, loss_mask: torch.Tensor,
-                      segment_ids: torch.Tensor, num_samples: int):
+def sequence_logprobs(
+    per_token_ce: torch.Tensor, loss_mask: torch.Tensor, segment_ids: torch.Tensor, num_samples: int
+):
     """Per-sample response log-probability ``sum_t -ce_t`` and response token count.
 
     ``segment_ids`` [b, s] names the sample (0..num_samples-1) each position belongs to (-1 on
@@ -199,124 +245,180 @@ def sequence_logprobs(per_token_ce: torch.Tensor, loss_mask: torch.Tensor,
     """
     ce = per_token_ce.float()
     counted = (loss_mask > 0) & (segment_ids >= 0)
-    slot = torch.where(counted, segment_ids.long(), torch.full_like(segment_ids.long(), num_samples))
+    slot = torch.where(
+        counted, segment_ids.long(), torch.full_like(segment_ids.long(), num_samples)
+    )
     zeros = torch.zeros(num_samples + 1, dtype=ce.dtype, device=ce.device)
     logp = zeros.index_add(0, slot.reshape(-1), torch.where(counted, -ce, 0.0).reshape(-1))
     count = zeros.index_add(0, slot.reshape(-1), counted.reshape(-1).to(ce.dtype))
     return logp[:num_samples], count[:num_samples]
 
 
-def compute_preference_loss(per_token_ce: torch.Tensor, loss_mask: torch.Tensor,
-                            segment_ids: torch.Tensor, roles: torch.Tensor,
-                            ref_logprobs: torch.Tensor | None, objective: str,
-                            settings: PreferenceSettings = PreferenceSettings(), kl_group=None):
-    """Loss sum, unit count and metrics of one preference micro-batch (see the module table).
+@dataclasses.dataclass
+class SequenceView:
+    """One preference micro-batch's per-sample quantities, [n] each (n sequences)."""
 
-    Args:
-        per_token_ce, loss_mask, segment_ids: [b, s], as for :func:`sequence_logprobs`.
-        roles: [n] int per sample. ``dpo``/``simpo``: pairs in order, ``CHOSEN`` at even and
-            ``REJECTED`` at odd positions. ``kto``: ``CHOSEN`` (desirable), ``REJECTED``
-            (undesirable) or ``KL_SAMPLE`` (a mismatched prompt/response for KTO's reference point).
-        ref_logprobs: [n] reference ``log pi_ref(y|x)`` per sample (``dpo``, ``kto``).
-        kl_group: ``kto``: the process group whose ranks' mismatched samples estimate ``z``
-            together (the trainer passes the data-parallel group; its ranks run the same number
-            of micro-batches, so the all-reduce is in step). None: this micro-batch's own.
-    Returns:
-        ``(loss_sum, count, metrics)`` like :func:`compute_loss`; count is pairs or samples.
-    """
-    if objective not in PREFERENCE_OBJECTIVES:
-        raise ValueError(f"unknown preference objective {objective!r}; choose one of "
-                         f"{', '.join(PREFERENCE_OBJECTIVES)}")
-    roles = roles.long()
-    n = roles.numel()
-    logp, count = sequence_logprobs(per_token_ce, loss_mask, segment_ids, n)
-    if objective in REFERENCE_OBJECTIVES:
-        if ref_logprobs is None:
-            raise ValueError(f"{objective} needs the reference model's log-probs")
-        ratio = logp - ref_logprobs.to(logp.dtype)  # log pi / pi_ref per sample
-    beta = settings.beta
+    logp: torch.Tensor  # log pi(y|x) over response tokens, with grad
+    count: torch.Tensor  # response tokens
+    roles: torch.Tensor  # long: CHOSEN / REJECTED / KL_SAMPLE
+    ref_logprobs: torch.Tensor | None  # log pi_ref(y|x), or None for reference-free objectives
 
-    if objective in PAIRED_OBJECTIVES:
-        if n % 2 or not (bool((roles[0::2] == CHOSEN).all()) and bool((roles[1::2] == REJECTED).all())):
-            raise ValueError(f"{objective}: a micro-batch must hold whole (chosen, rejected) pairs "
-                             f"in order; got roles {roles.tolist()}")
-        if objective == "dpo":
-            margin = beta * (ratio[0::2] - ratio[1::2])
-            chosen_reward, rejected_reward = beta * ratio[0::2], beta * ratio[1::2]
-        else:  # simpo: length-normalized, reference-free
-            average = logp / count.clamp(min=1)
-            chosen_reward, rejected_reward = beta * average[0::2], beta * average[1::2]
-            margin = chosen_reward - rejected_reward - settings.simpo_gamma
-        losses = -F.logsigmoid(margin)
-        units = losses.numel()
-        metrics = {
-            "reward_accuracy": _pair((margin.detach() > 0).sum(), units),
-            "reward_margin": _pair((chosen_reward - rejected_reward).detach().sum(), units),
-            "chosen_reward": _pair(chosen_reward.detach().sum(), units),
-            "rejected_reward": _pair(rejected_reward.detach().sum(), units),
-        }
-        return losses.sum(), torch.tensor(units, dtype=torch.int), metrics
+    def ratio(self, name: str) -> torch.Tensor:
+        """log pi / pi_ref per sample."""
+        if self.ref_logprobs is None:
+            raise ValueError(f"{name} needs the reference model's log-probs")
+        return self.logp - self.ref_logprobs.to(self.logp.dtype)
 
-    # kto
-    desirable, undesirable, kl = roles == CHOSEN, roles == REJECTED, roles == KL_SAMPLE
-    kl_stats = torch.stack([torch.where(kl, ratio, 0.0).sum(), kl.sum().to(ratio.dtype)]).detach()
-    if kl_group is not None and dist.get_world_size(kl_group) > 1:
-        dist.all_reduce(kl_stats, group=kl_group)
-    num_kl = kl_stats[1]
-    z = (kl_stats[0] / num_kl.clamp(min=1)).clamp(min=0)  # no host sync on the hot path
-    losses = torch.where(
-        desirable, settings.desirable_weight * (1 - torch.sigmoid(beta * (ratio - z))),
-        torch.where(undesirable, settings.undesirable_weight * (1 - torch.sigmoid(beta * (z - ratio))),
-                    torch.zeros_like(ratio)))
-    units = int((desirable | undesirable).sum())
+
+def _check_pairs(v: SequenceView, name: str) -> None:
+    roles = v.roles
+    if roles.numel() % 2 or not (
+        bool((roles[0::2] == CHOSEN).all()) and bool((roles[1::2] == REJECTED).all())
+    ):
+        raise ValueError(
+            f"{name}: a micro-batch must hold whole (chosen, rejected) pairs in "
+            f"order; got roles {roles.tolist()}"
+        )
+
+
+def _pair_losses(margin, chosen_reward, rejected_reward):
+    losses = -F.logsigmoid(margin)
+    units = losses.numel()
     metrics = {
-        "kl_estimate": _pair(z, num_kl > 0),
-        "desirable_reward": _pair(torch.where(desirable, beta * ratio, 0.0).detach().sum(),
-                                  desirable.sum()),
-        "undesirable_reward": _pair(torch.where(undesirable, beta * ratio, 0.0).detach().sum(),
-                                    undesirable.sum()),
+        "reward_accuracy": _pair((margin.detach() > 0).sum(), units),
+        "reward_margin": _pair((chosen_reward - rejected_reward).detach().sum(), units),
+        "chosen_reward": _pair(chosen_reward.detach().sum(), units),
+        "rejected_reward": _pair(rejected_reward.detach().sum(), units),
     }
     return losses.sum(), torch.tensor(units, dtype=torch.int), metrics
 
 
+def dpo_unit_losses(v: SequenceView, settings: LossSettings, data_parallel_group=None):
+    """DPO: ``-log sigmoid(beta * ((lp_c - ref_c) - (lp_r - ref_r)))`` per pair."""
+    _check_pairs(v, "DPO")
+    ratio, beta = v.ratio("DPO"), settings.beta
+    margin = beta * (ratio[0::2] - ratio[1::2])
+    return _pair_losses(margin, beta * ratio[0::2], beta * ratio[1::2])
+
+
+def simpo_unit_losses(v: SequenceView, settings: LossSettings, data_parallel_group=None):
+    """SimPO: length-normalized and reference-free, with target margin gamma."""
+    _check_pairs(v, "SimPO")
+    average = v.logp / v.count.clamp(min=1)
+    chosen, rejected = settings.beta * average[0::2], settings.beta * average[1::2]
+    return _pair_losses(chosen - rejected - settings.simpo_gamma, chosen, rejected)
+
+
+def kto_unit_losses(v: SequenceView, settings: LossSettings, data_parallel_group=None):
+    """KTO with its reference point z estimated from the mismatched samples of every rank of
+    ``data_parallel_group`` (its ranks run the same number of micro-batches, so the all-reduce is
+    in step; None: this micro-batch's own)."""
+    ratio, beta = v.ratio("KTO"), settings.beta
+    desirable, undesirable, kl = v.roles == CHOSEN, v.roles == REJECTED, v.roles == KL_SAMPLE
+    kl_stats = torch.stack([torch.where(kl, ratio, 0.0).sum(), kl.sum().to(ratio.dtype)]).detach()
+    if data_parallel_group is not None and dist.get_world_size(data_parallel_group) > 1:
+        dist.all_reduce(kl_stats, group=data_parallel_group)
+    num_kl = kl_stats[1]
+    z = (kl_stats[0] / num_kl.clamp(min=1)).clamp(min=0)  # no host sync on the hot path
+    losses = torch.where(
+        desirable,
+        settings.desirable_weight * (1 - torch.sigmoid(beta * (ratio - z))),
+        torch.where(
+            undesirable,
+            settings.undesirable_weight * (1 - torch.sigmoid(beta * (z - ratio))),
+            torch.zeros_like(ratio),
+        ),
+    )
+    units = int((desirable | undesirable).sum())
+    metrics = {
+        "kl_estimate": _pair(z, num_kl > 0),
+        "desirable_reward": _pair(
+            torch.where(desirable, beta * ratio, 0.0).detach().sum(), desirable.sum()
+        ),
+        "undesirable_reward": _pair(
+            torch.where(undesirable, beta * ratio, 0.0).detach().sum(), undesirable.sum()
+        ),
+    }
+    return losses.sum(), torch.tensor(units, dtype=torch.int), metrics
+
+
+def preference_loss(
+    per_token_ce: torch.Tensor,
+    loss_mask: torch.Tensor,
+    segment_ids: torch.Tensor,
+    roles: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    unit_losses,
+    settings: LossSettings = LossSettings(),
+    data_parallel_group=None,
+):
+    """Loss sum, unit count and metrics of one preference micro-batch (see the module table).
+
+    Args:
+        per_token_ce, loss_mask, segment_ids: [b, s], as for :func:`sequence_logprobs`.
+        roles: [n] int per sample. Pairs: ``CHOSEN`` at even and ``REJECTED`` at odd positions.
+            ``kto``: ``CHOSEN`` (desirable), ``REJECTED`` (undesirable) or ``KL_SAMPLE`` (a
+            mismatched prompt/response for KTO's reference point).
+        ref_logprobs: [n] reference ``log pi_ref(y|x)`` per sample (``dpo``, ``kto``).
+        unit_losses: e.g. :func:`dpo_unit_losses`.
+    Returns:
+        ``(loss_sum, count, metrics)`` like :func:`token_loss`; count is pairs or samples.
+    """
+    roles = roles.long()
+    logp, count = sequence_logprobs(per_token_ce, loss_mask, segment_ids, roles.numel())
+    view = SequenceView(logp, count, roles, ref_logprobs)
+    return unit_losses(view, settings, data_parallel_group)
+
+
+def preference_objective_loss(unit_losses):
+    """The objective contract's ``loss(per_token_ce, batch, settings, group)``."""
+
+    def loss(
+        per_token_ce, batch, settings: LossSettings = LossSettings(), data_parallel_group=None
+    ):
+        return preference_loss(
+            per_token_ce,
+            batch["loss_mask"],
+            batch["segment_ids"],
+            batch["roles"],
+            batch.get("ref_logprobs"),
+            unit_losses,
+            settings,
+            data_parallel_group,
+        )
+
+    loss.__doc__ = f"Preference objective loss with :func:`{unit_losses.__name__}`."
+    return loss
+
+
+dpo_loss = preference_objective_loss(dpo_unit_losses)
+simpo_loss = preference_objective_loss(simpo_unit_losses)
+kto_loss = preference_objective_loss(kto_unit_losses)
+
+
 def _pair(value_sum, count):
-    return torch.stack([torch.as_tensor(value_sum).float(), torch.as_tensor(count).float()]).detach()
+    return torch.stack(
+        [torch.as_tensor(value_sum).float(), torch.as_tensor(count).float()]
+    ).detach()
 
 
-def make_preference_loss_func(loss_mask: torch.Tensor, segment_ids: torch.Tensor,
-                              roles: torch.Tensor, ref_logprobs: torch.Tensor | None,
-                              objective: str, settings: PreferenceSettings, kl_group=None):
-    """:func:`make_loss_func`'s counterpart for the preference objectives (same contract; the
-    count is pairs or samples instead of tokens)."""
-
-    def loss_func(output_tensor: torch.Tensor):
-        loss_sum, units, metrics = compute_preference_loss(
-            output_tensor, loss_mask, segment_ids, roles, ref_logprobs, objective, settings,
-            kl_group)
-        report = {"loss": torch.stack([loss_sum.detach().float(), units.float()])}
-        report.update(metrics)
-        return loss_sum, units, report
-
-    return loss_func
-
-
-def make_loss_func(loss_mask: torch.Tensor, rewards: torch.Tensor, objective: str,
-                   negative_mode: str = "token", segment_ids: torch.Tensor | None = None):
+def make_loss_func(
+    loss, batch: dict, settings: LossSettings = LossSettings(), data_parallel_group=None
+):
     """A ``loss_func(output_tensor)`` in the convention of Megatron-LM's ``pretrain_gpt.py``.
 
-    ``output_tensor`` is the [b, s] per-token CE that GPTModel returns on the last pipeline stage.
-    Returns ``(loss_sum, num_tokens, report)`` where ``report`` maps names to ``[sum, count]``
-    tensors; ``"loss"`` is ``[loss_sum, num_tokens]``. Use it with
-    ``TransformerConfig(calculate_per_token_loss=True)`` so the schedule and DDP divide by the token
-    count summed over micro-batches and data-parallel ranks. A micro-batch with no counted tokens
-    contributes 0 (never NaN).
+    ``loss`` is an objective's loss (:meth:`megatron_rift.objectives.Objective.load_loss`) and
+    ``output_tensor`` the [b, s] per-token CE that GPTModel returns on the last pipeline stage.
+    Returns ``(loss_sum, count, report)`` where ``report`` maps names to ``[sum, count]`` tensors;
+    ``"loss"`` is ``[loss_sum, count]``. Use it with ``TransformerConfig(calculate_per_token_loss=
+    True)`` so the schedule and DDP divide by the count summed over micro-batches and
+    data-parallel ranks. A micro-batch with nothing counted contributes 0 (never NaN).
     """
 
     def loss_func(output_tensor: torch.Tensor):
-        loss_sum, num_tokens, metrics = compute_loss(output_tensor, loss_mask, rewards, objective,
-                                                     negative_mode, segment_ids)
-        report = {"loss": torch.stack([loss_sum.detach().float(), num_tokens.float()])}
+        loss_sum, count, metrics = loss(output_tensor, batch, settings, data_parallel_group)
+        report = {"loss": torch.stack([loss_sum.detach().float(), count.float()])}
         report.update(metrics)
-        return loss_sum, num_tokens, report
+        return loss_sum, count, report
 
     return loss_func

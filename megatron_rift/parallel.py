@@ -21,12 +21,12 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def rank_from_env() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                     seed: int = 1234, timeout_minutes: float = 10.0) -> None:
+def init_distributed(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    seed: int = 1234,
+    timeout_minutes: float = 10.0,
+) -> None:
     """Initialize torch.distributed (env:// as torchrun sets it) and Megatron's parallel state.
 
     A plain ``python`` launch works too: it becomes a world of one on a free local port.
@@ -63,8 +63,9 @@ def _init_process_group(backend: str, timeout_minutes: float) -> None:
         # A plain `python` launch: a world of one on a free port, passed explicitly rather than
         # written into os.environ, where child processes would inherit a port that is in use.
         kwargs = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
-                            **kwargs)
+    dist.init_process_group(
+        backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs
+    )
 
 
 def set_seed(seed: int) -> None:

@@ -1,7 +1,7 @@
 """Precompute a frozen reference model's log-probs over a packed dataset, once (``dpo``/``kto``).
 
 ``tools/compute_ref_logprobs.py`` is the CLI. The model is built and loaded exactly as the trainer
-does it (``resolve_plan`` on the trainer's own flags, the same TransformerConfig and layer spec,
+does it (the same :mod:`megatron_rift.model.stage` TransformerConfig and layer spec,
 ``load_model_weights``) and runs forward-only through Megatron's pipeline schedule at any TP/PP/DP.
 Each data-parallel replica scores a strided share of the sequences; global rank 0 gathers the
 results and publishes ``PREFIX.ref_logprobs.{npy,json}`` (see :mod:`megatron_rift.data.preference`)
@@ -14,7 +14,6 @@ Sequences scored: every document (its response tokens, EOS included) and, unless
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -40,7 +39,7 @@ from megatron_rift.data.preference import (
 )
 from megatron_rift.losses import sequence_logprobs
 from megatron_rift.model import GPTArchitecture
-from megatron_rift.training.setup import build_frozen_model, build_transformer_config, resolve_use_te
+from megatron_rift.model.stage import build_frozen_model, resolve_use_te, stage_transformer_config
 
 DOCUMENT, KL = 0, 1
 MICRO_BATCHES_PER_CALL = 16  # forward-only schedule calls between progress updates
@@ -56,8 +55,9 @@ def _sequences(dataset: RewardDataset, with_kl: bool) -> list[tuple[int, int]]:
 class _Scorer:
     """Builds collated micro-batches of sequences and runs them forward-only."""
 
-    def __init__(self, dataset: RewardDataset, seq_length: int, micro_batch_size: int,
-                 with_kl: bool):
+    def __init__(
+        self, dataset: RewardDataset, seq_length: int, micro_batch_size: int, with_kl: bool
+    ):
         self.dataset, self.seq_length, self.mbs = dataset, seq_length, micro_batch_size
         if with_kl:
             self.partners = kl_partners(np.asarray(dataset.groups))
@@ -86,8 +86,9 @@ def _forward_step_factory():
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
 
         def loss_func(per_token_ce, non_loss_data=False):
-            logprob, count = sequence_logprobs(per_token_ce, batch["loss_mask"],
-                                               batch["segment_ids"], batch["tokens"].shape[0])
+            logprob, count = sequence_logprobs(
+                per_token_ce, batch["loss_mask"], batch["segment_ids"], batch["tokens"].shape[0]
+            )
             return {"logprob": logprob.double().cpu(), "count": count.cpu()}
 
         return output, loss_func
@@ -95,80 +96,132 @@ def _forward_step_factory():
     return forward_step
 
 
-def compute_reference_logprobs(args: argparse.Namespace, plan, seq_length: int) -> dict | None:
-    """Score the dataset with the checkpoint in ``plan``; returns the summary on rank 0."""
-    dataset = RewardDataset(args.data_path)
-    arch = GPTArchitecture(**plan.arch_fields)
-    config = build_transformer_config(args, plan, arch)
-    model = build_frozen_model(arch, config, resolve_use_te(args), args.load)
+def compute_reference_logprobs(
+    data_path: str,
+    checkpoint: str,
+    output: str,
+    arch: GPTArchitecture,
+    seq_length: int,
+    micro_batch_size: int,
+    dtype: str = "fp32",
+    transformer_impl: str = "auto",
+    with_kl: bool = True,
+    progress: bool = True,
+) -> dict | None:
+    """Score the dataset at ``data_path`` with the model in ``checkpoint`` (root or iteration
+    folder) and publish ``output``.npy/.json; returns the summary on rank 0 (None elsewhere).
 
-    with_kl = not args.skip_kl_samples
-    items = _sequences(dataset, with_kl)
+    Runs in the current Megatron parallel state (TP/PP/DP); ``dtype`` is fp32, bf16 or fp16.
+    """
+    dataset = RewardDataset(data_path)
+    config = stage_transformer_config(
+        arch,
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        dtype,
+        loads_weights=True,
+    )
+    model = build_frozen_model(arch, config, resolve_use_te(transformer_impl), checkpoint)
+    started = time.perf_counter()
+    scorer = _Scorer(dataset, seq_length, micro_batch_size, with_kl)
+    results = _score_my_share(model, scorer, _sequences(dataset, with_kl), progress)
+    # The last stage's TP rank 0 of every replica holds its share; rank 0 collects them.
+    contribute = (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+    )
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(results if contribute else [], gathered, dst=0)
+    summary = None
+    if dist.get_rank() == 0:
+        rows = _assemble_rows(gathered, len(dataset), with_kl)
+        summary = {
+            "format": REF_FORMAT,
+            "version": 1,
+            "dataset": str(Path(data_path).resolve()),
+            "dataset_fingerprint": dataset_fingerprint(data_path),
+            "documents": len(dataset),
+            "kl_samples": with_kl,
+            "reference_checkpoint": str(Path(checkpoint).resolve()),
+            "parallel": {
+                "tp": parallel_state.get_tensor_model_parallel_world_size(),
+                "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+                "dp": parallel_state.get_data_parallel_world_size(),
+            },
+            "dtype": dtype,
+            "seq_length": seq_length,
+            "seconds": round(time.perf_counter() - started, 2),
+            "mean_logprob_per_token": float(
+                rows["logprob"].sum() / max(rows["num_tokens"].sum(), 1)
+            ),
+        }
+        _publish(output, rows, summary)
+    dist.barrier()
+    return summary
+
+
+def _score_my_share(
+    model, scorer: _Scorer, items: list[tuple[int, int]], progress: bool
+) -> list[tuple[int, int, float, int]]:
+    """Forward-only over this data-parallel replica's strided share of ``items``; on the last
+    pipeline stage returns ``(index, kind, logprob, count)`` per scored sequence."""
+    mbs = scorer.mbs
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     mine = items[dp_rank::dp_size]
     # Every replica runs the same number of micro-batches (the last ones may be padding-only).
     per_replica = -(-len(items) // dp_size)
-    num_micro = -(-per_replica // args.micro_batch_size)
-    scorer = _Scorer(dataset, seq_length, args.micro_batch_size, with_kl)
+    num_micro = -(-per_replica // mbs)
     forward_backward = get_forward_backward_func()
     forward_step = _forward_step_factory()
     last_stage = parallel_state.is_pipeline_last_stage()
     results: list[tuple[int, int, float, int]] = []
-    started = time.perf_counter()
-    show = dist.get_rank() == 0 and not args.no_progress
-    with torch.no_grad(), tqdm(total=len(items), unit=" seq", disable=not show,
-                               desc="reference log-probs") as bar:
+    show = dist.get_rank() == 0 and progress
+    with (
+        torch.no_grad(),
+        tqdm(total=len(items), unit=" seq", disable=not show, desc="reference log-probs") as bar,
+    ):
         for first in range(0, num_micro, MICRO_BATCHES_PER_CALL):
-            chunks = []
-            for m in range(first, min(first + MICRO_BATCHES_PER_CALL, num_micro)):
-                chunks.append(mine[m * args.micro_batch_size:(m + 1) * args.micro_batch_size])
+            chunks = [
+                mine[m * mbs : (m + 1) * mbs]
+                for m in range(first, min(first + MICRO_BATCHES_PER_CALL, num_micro))
+            ]
             batches = [scorer.batch(c) if c else scorer.batch([items[0]]) for c in chunks]
             store = forward_backward(
-                forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
-                num_microbatches=len(batches), seq_length=seq_length,
-                micro_batch_size=args.micro_batch_size, forward_only=True,
-                collect_non_loss_data=True)
+                forward_step_func=forward_step,
+                data_iterator=iter(batches),
+                model=[model],
+                num_microbatches=len(batches),
+                seq_length=scorer.seq_length,
+                micro_batch_size=mbs,
+                forward_only=True,
+                collect_non_loss_data=True,
+            )
             if last_stage:
                 for chunk, out in zip(chunks, store):
                     for j, (index, kind) in enumerate(chunk):
-                        results.append((index, kind, float(out["logprob"][j]), int(out["count"][j])))
-            done = (first + len(batches)) * args.micro_batch_size * dp_size
+                        results.append(
+                            (index, kind, float(out["logprob"][j]), int(out["count"][j]))
+                        )
+            done = (first + len(batches)) * mbs * dp_size
             bar.update(min(len(items), done) - bar.n)
+    return results
 
-    # The last stage's TP rank 0 of every replica holds its share; rank 0 collects them.
-    contribute = last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(results if contribute else [], gathered, dst=0)
-    summary = None
-    if dist.get_rank() == 0:
-        rows = np.zeros(len(dataset), dtype=REF_DTYPE)
-        rows["kl_logprob"] = np.nan
-        seen = np.zeros((len(dataset), 2), dtype=bool)
-        for part in gathered:
-            for index, kind, logprob, count in part:
-                field = "logprob" if kind == DOCUMENT else "kl_logprob"
-                rows[field][index] = logprob
-                rows["num_tokens" if kind == DOCUMENT else "kl_num_tokens"][index] = count
-                seen[index, kind] = True
-        if not seen[:, DOCUMENT].all() or (with_kl and not seen[:, KL].all()):
-            raise RuntimeError("internal error: some sequences were not scored")
-        summary = {
-            "format": REF_FORMAT, "version": 1,
-            "dataset": str(Path(args.data_path).resolve()),
-            "dataset_fingerprint": dataset_fingerprint(args.data_path),
-            "documents": len(dataset), "kl_samples": with_kl,
-            "reference_checkpoint": str(Path(args.load).resolve()),
-            "parallel": {"tp": plan.tensor_parallel, "pp": plan.pipeline_parallel,
-                         "dp": plan.data_parallel},
-            "dtype": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-            "seq_length": seq_length,
-            "seconds": round(time.perf_counter() - started, 2),
-            "mean_logprob_per_token": float(rows["logprob"].sum() / max(rows["num_tokens"].sum(), 1)),
-        }
-        _publish(args.output, rows, summary)
-    dist.barrier()
-    return summary
+
+def _assemble_rows(gathered: list, num_documents: int, with_kl: bool) -> np.ndarray:
+    """One REF_DTYPE row per document from every replica's results; checks each was scored."""
+    rows = np.zeros(num_documents, dtype=REF_DTYPE)
+    rows["kl_logprob"] = np.nan
+    seen = np.zeros((num_documents, 2), dtype=bool)
+    for part in gathered:
+        for index, kind, logprob, count in part:
+            field = "logprob" if kind == DOCUMENT else "kl_logprob"
+            rows[field][index] = logprob
+            rows["num_tokens" if kind == DOCUMENT else "kl_num_tokens"][index] = count
+            seen[index, kind] = True
+    if not seen[:, DOCUMENT].all() or (with_kl and not seen[:, KL].all()):
+        raise RuntimeError("internal error: some sequences were not scored")
+    return rows
 
 
 def _publish(prefix: str, rows: np.ndarray, summary: dict) -> None:

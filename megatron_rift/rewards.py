@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 # A number, with optional thousands separators ("1,000") and decimals; the sign is kept.
@@ -53,7 +53,7 @@ def _braced_argument(text: str, position: int) -> str | None:
         elif text[index] == "}":
             depth -= 1
             if depth == 0:
-                return text[position + 1:index]
+                return text[position + 1 : index]
     return None
 
 
@@ -107,8 +107,9 @@ def register_verifier(name: str) -> Callable[[type[Verifier]], type[Verifier]]:
 
     def register(cls: type[Verifier]) -> type[Verifier]:
         if name in _VERIFIERS and _VERIFIERS[name] is not cls:
-            raise ValueError(f"a verifier named {name!r} is already registered "
-                             f"({_VERIFIERS[name].__qualname__})")
+            raise ValueError(
+                f"a verifier named {name!r} is already registered ({_VERIFIERS[name].__qualname__})"
+            )
         cls.name = name
         _VERIFIERS[name] = cls
         return cls
@@ -122,7 +123,9 @@ def available_verifiers() -> list[str]:
 
 def get_verifier(name: str) -> Verifier:
     if name not in _VERIFIERS:
-        raise ValueError(f"unknown verifier {name!r}; available: {', '.join(available_verifiers())}")
+        raise ValueError(
+            f"unknown verifier {name!r}; available: {', '.join(available_verifiers())}"
+        )
     return _VERIFIERS[name]()
 
 
@@ -157,8 +160,10 @@ class IntegerVerifier(Verifier):
     def is_equivalent(self, answer: str, reference: str) -> bool:
         expected = parse_integer(reference)
         if expected is None:
-            raise ValueError(f"integer verifier: the reference answer {reference!r} is not an "
-                             "integer; use the 'math' or 'exact' verifier for such answers")
+            raise ValueError(
+                f"integer verifier: the reference answer {reference!r} is not an "
+                "integer; use the 'math' or 'exact' verifier for such answers"
+            )
         return parse_integer(answer) == expected
 
 

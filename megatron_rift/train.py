@@ -5,8 +5,10 @@ Launch one process per GPU (or CPU worker) with torchrun, e.g.::
     torchrun --nproc-per-node 8 -m megatron_rift.train --data-path data/rollouts \\
         --pretrained-checkpoint ckpt/qwen2.5-math-1.5b --load out --save out --objective rift --bf16
 
-Flags are listed by ``--help`` and described in docs/training.md. Every rank validates the flags
+Flags are listed by ``--help`` and described in docs/training.md; ``--config FILE.json`` reads a
+saved :class:`~megatron_rift.training.config.TrainConfig`. Every rank checks the configuration
 before anything is initialized: a bad configuration exits with status 2 and one message per rank.
+This is the only module that sees the command line; everything below it takes typed configs.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from __future__ import annotations
 import os
 import sys
 
-from megatron_rift.training.arguments import parse_args
-from megatron_rift.training.validation import ConfigError, resolve_plan
+from megatron_rift.training.arguments import parse_train_config
+from megatron_rift.training.preflight import ConfigError, preflight
 
 CONFIG_ERROR_EXIT = 2
 
@@ -27,16 +29,16 @@ def _report(error: Exception) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    config = parse_train_config(argv)
     try:
-        plan = resolve_plan(args, int(os.environ.get("WORLD_SIZE", "1")))
+        plan = preflight(config, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as error:
         return _report(error)
     # Heavy imports (torch, Megatron) only once the configuration is known to be good.
     from megatron_rift.training.loop import run_training
 
     try:
-        run_training(args, plan)
+        run_training(config, plan)
     except ConfigError as error:  # found while opening the data or a checkpoint: same on all ranks
         return _report(error)
     return 0

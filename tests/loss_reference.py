@@ -18,14 +18,18 @@ def reference_loss(logits, labels, loss_mask, rewards, objective, negative_mode=
         r = float(rewards[i])
         n = int(m.sum())
         if objective == "sft":
-            total = total - lp.sum(); count += n
+            total = total - lp.sum()
+            count += n
         elif objective == "dft":
-            total = total - (lp.exp().detach() * lp).sum(); count += n
+            total = total - (lp.exp().detach() * lp).sum()
+            count += n
         elif objective == "rft":
             if r > 0:
-                total = total - lp.sum(); count += n
+                total = total - lp.sum()
+                count += n
         elif objective == "naive":
-            total = total - r * lp.sum(); count += n
+            total = total - r * lp.sum()
+            count += n
         elif objective == "rift":
             count += n
             if r > 0:
@@ -35,6 +39,10 @@ def reference_loss(logits, labels, loss_mask, rewards, objective, negative_mode=
                     total = total - r * lp.exp().sum()
                 elif negative_mode == "sequence":
                     total = total - r * n * lp.sum().exp()
-                else:
+                elif negative_mode == "geometric":
                     total = total - r * n * lp.mean().exp()
+                else:
+                    raise ValueError(negative_mode)
+        else:
+            raise ValueError(objective)  # a new objective needs its reference here
     return total / max(count, 1), count

@@ -38,9 +38,19 @@ def sample_logprobs(logits, labels, samples):
     return out
 
 
-def reference_preference_loss(logits, labels, samples, roles, ref_logprobs, objective,
-                              beta=0.1, gamma=1.0, desirable_weight=1.0, undesirable_weight=1.0,
-                              z=None):
+def reference_preference_loss(
+    logits,
+    labels,
+    samples,
+    roles,
+    ref_logprobs,
+    objective,
+    beta=0.1,
+    gamma=1.0,
+    desirable_weight=1.0,
+    undesirable_weight=1.0,
+    z=None,
+):
     """Mean loss over units (pairs for dpo/simpo, desirable+undesirable samples for kto).
 
     Returns ``(loss, info)`` with ``info = {"units": int, "z": float}`` (z only meaningful for kto).
@@ -84,4 +94,3 @@ def reference_preference_loss(logits, labels, samples, roles, ref_logprobs, obje
     else:
         raise ValueError(objective)
     return total / max(units, 1), {"units": units, "z": z}
-

@@ -29,15 +29,16 @@ def epoch_indices(samplers, epoch):
 
 @pytest.mark.parametrize("num_samples", [48, 53])
 def test_dp2_epoch_covers_each_sample_once(num_samples):
-    samplers = [GlobalBatchSampler(num_samples, 8, rank, 2, seed=3, micro_batch_size=2)
-                for rank in range(2)]
+    samplers = [
+        GlobalBatchSampler(num_samples, 8, rank, 2, seed=3, micro_batch_size=2) for rank in range(2)
+    ]
     for epoch in range(3):
         seen = epoch_indices(samplers, epoch)
         assert len(seen) == len(set(seen)) == (num_samples // 8) * 8
         assert set(seen) <= set(range(num_samples))
         if num_samples % 8 == 0:
             assert sorted(seen) == list(range(num_samples))
-        for rank, sampler in enumerate(samplers):
+        for sampler in samplers:
             assert sampler.local_batch(epoch, 0).shape == (2, 2)  # 4 per rank, micro-batches of 2
     assert epoch_indices(samplers, 0) != epoch_indices(samplers, 1)  # reshuffled per epoch
     other_seed = [GlobalBatchSampler(num_samples, 8, r, 2, seed=4) for r in range(2)]
@@ -85,9 +86,14 @@ def make_samples(lengths, seed=0):
     samples = []
     for j, length in enumerate(lengths):
         prompt = int(rng.integers(1, length))
-        samples.append({"tokens": rng.integers(5, 100, size=length).astype(np.int32),
-                        "loss_mask": np.r_[np.zeros(prompt), np.ones(length - prompt)].astype(np.uint8),
-                        "reward": float(rng.normal()), "index": 100 + j})
+        samples.append(
+            {
+                "tokens": rng.integers(5, 100, size=length).astype(np.int32),
+                "loss_mask": np.r_[np.zeros(prompt), np.ones(length - prompt)].astype(np.uint8),
+                "reward": float(rng.normal()),
+                "index": 100 + j,
+            }
+        )
     return samples
 
 
@@ -108,7 +114,8 @@ def test_collate_unpacked_against_loops():
         assert batch["position_ids"][row].tolist() == list(range(n)) + [0] * (s - n)
         assert batch["rewards"][row].item() == pytest.approx(sample["reward"])
         assert batch["token_rewards"][row].tolist() == pytest.approx(
-            [sample["reward"] * m for m in expected_mask])
+            [sample["reward"] * m for m in expected_mask]
+        )
     assert batch["sample_ids"].tolist() == [100, 101, 102]
     with pytest.raises(ValueError, match="13 tokens > seq_length 12"):
         collate_rollouts(make_samples([13]), s, PAD)
@@ -128,7 +135,10 @@ def test_packing_keeps_every_sample():
             found.add(j)
             where = (seg[row] == j).nonzero().flatten().tolist()
             assert where == list(range(where[0], where[0] + len(where)))  # contiguous
-            assert row == batch["sample_rows"][j].item() and where[0] == batch["sample_offsets"][j].item()
+            assert (
+                row == batch["sample_rows"][j].item()
+                and where[0] == batch["sample_offsets"][j].item()
+            )
             tokens, mask = samples[j]["tokens"].tolist(), samples[j]["loss_mask"].tolist()
             assert batch["tokens"][row, where].tolist() == tokens
             assert batch["position_ids"][row, where].tolist() == list(range(len(tokens)))
@@ -138,7 +148,8 @@ def test_packing_keeps_every_sample():
             expected_mask = [float(m) for m in mask[1:]] + [0.0]
             assert batch["loss_mask"][row, where].tolist() == expected_mask
             assert batch["token_rewards"][row, where].tolist() == pytest.approx(
-                [samples[j]["reward"] * m for m in expected_mask])
+                [samples[j]["reward"] * m for m in expected_mask]
+            )
     assert found == set(range(len(samples)))
     assert batch["loss_mask"].sum().item() == sum(int(x["loss_mask"][1:].sum()) for x in samples)
     assert batch["loss_mask"][seg == -1].sum().item() == 0
@@ -169,7 +180,7 @@ def test_block_causal_mask_against_loops_and_attention():
         row, off, n = batch["sample_rows"][j], batch["sample_offsets"][j], len(sample["tokens"])
         alone = embed[torch.as_tensor(sample["tokens"], dtype=torch.long)].view(1, 1, n, -1)
         reference = F.scaled_dot_product_attention(alone, alone, alone, is_causal=True)
-        torch.testing.assert_close(packed[row, :, off:off + n], reference[0])
+        torch.testing.assert_close(packed[row, :, off : off + n], reference[0])
     assert torch.equal(block_causal_attention_mask(seg), mask)
 
 
@@ -178,13 +189,31 @@ def test_two_ranks_read_the_packed_dataset_once_per_epoch(tmp_path):
     from megatron_rift.data import PackConfig, pack_rollouts
 
     _, sp = build_tokenizers(tmp_path)
-    records = [{"prompt": f"what is {i} and {i}", "response": "the answer is " + "five " * (i % 4 + 1),
-                "correct": i % 3 == 0, "prompt_id": i // 4} for i in range(36)]
+    records = [
+        {
+            "prompt": f"what is {i} and {i}",
+            "response": "the answer is " + "five " * (i % 4 + 1),
+            "correct": i % 3 == 0,
+            "prompt_id": i // 4,
+        }
+        for i in range(36)
+    ]
     prefix = str(tmp_path / "ds")
-    pack_rollouts(PackConfig(inputs=[str(write_jsonl(tmp_path / "r.jsonl", records))],
-                             output_prefix=prefix, tokenizer=str(sp), progress=False))
-    run_torchrun(REPO / "tests" / "workers" / "batching_worker.py", [prefix, "12", "2"], nproc=2,
-                 timeout=240, result_dir=tmp_path)
+    pack_rollouts(
+        PackConfig(
+            inputs=[str(write_jsonl(tmp_path / "r.jsonl", records))],
+            output_prefix=prefix,
+            tokenizer=str(sp),
+            progress=False,
+        )
+    )
+    run_torchrun(
+        REPO / "tests" / "workers" / "batching_worker.py",
+        [prefix, "12", "2"],
+        nproc=2,
+        timeout=240,
+        result_dir=tmp_path,
+    )
     ranks = read_rank_results(tmp_path, 2)
     for epoch in range(2):
         seen = ranks[0]["epochs"][epoch] + ranks[1]["epochs"][epoch]

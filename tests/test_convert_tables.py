@@ -6,8 +6,14 @@ from megatron.core.dist_checkpointing.mapping import apply_factories
 
 from megatron_rift.convert.tables import TABLES, checkpoint_key, layer_keys_map, module_param_name
 from megatron_rift.convert.transforms import GATE_UP, QKV, VOCAB
-from megatron_rift.model import GPTArchitecture, build_gpt_model, get_layer_spec, to_transformer_config
+from megatron_rift.model import (
+    GPTArchitecture,
+    build_gpt_model,
+    get_layer_spec,
+    to_transformer_config,
+)
 from megatron_rift.parallel import destroy_distributed, init_distributed
+from tests.workers.convert_tiny_models import tiny_architecture
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -20,9 +26,13 @@ def _world_of_one():
 
 
 def _arch(family: str, tie: bool) -> GPTArchitecture:
-    return GPTArchitecture(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                           ffn_hidden_size=96, kv_channels=32, vocab_size=300, tie_word_embeddings=tie,
-                           hf_model_type=family, **TABLES[family].arch_flags)
+    return tiny_architecture(
+        num_query_groups=2,
+        kv_channels=32,
+        tie_word_embeddings=tie,
+        hf_model_type=family,
+        **TABLES[family].arch_flags,
+    )
 
 
 @pytest.mark.parametrize("family", sorted(TABLES))
@@ -30,7 +40,9 @@ def _arch(family: str, tie: bool) -> GPTArchitecture:
 def test_table_covers_the_local_spec_model_and_its_checkpoint_keys(family, tie):
     arch = _arch(family, tie)
     spec = get_layer_spec(use_te=False, qk_layernorm=arch.qk_layernorm)
-    model = build_gpt_model(arch, to_transformer_config(arch, perform_initialization=False), use_te=False)
+    model = build_gpt_model(
+        arch, to_transformer_config(arch, perform_initialization=False), use_te=False
+    )
     rows = TABLES[family].resolve(arch)
 
     # Module naming of the local spec: separate input_layernorm / pre_mlp_layernorm modules.
@@ -48,15 +60,19 @@ def test_table_covers_the_local_spec_model_and_its_checkpoint_keys(family, tie):
             layer = sharded.global_offset[0] if sharded.prepend_axis_num else None
             stored[name] = (sharded.key, layer)
     for row in rows:
-        assert stored[module_param_name(row.megatron, spec)] == checkpoint_key(row.megatron), row.megatron
+        assert stored[module_param_name(row.megatron, spec)] == checkpoint_key(row.megatron), (
+            row.megatron
+        )
 
 
 def test_te_names_are_the_local_names_through_the_keys_map():
     """TE isn't installed here: check the naming logic. Megatron's local spec maps its norm modules to
     the names TE's fused LayerNorm-linear modules have, which are the table's names."""
     local = get_layer_spec(use_te=False)
-    assert layer_keys_map(local) == {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                                     "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+    assert layer_keys_map(local) == {
+        "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+        "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+    }
 
     class TESpecStandIn:  # the TE layer spec sets no keys map: its module names are the checkpoint names
         class submodules:
@@ -65,21 +81,24 @@ def test_te_names_are_the_local_names_through_the_keys_map():
     arch = _arch("qwen3", tie=False)
     for row in TABLES["qwen3"].resolve(arch):
         assert module_param_name(row.megatron, TESpecStandIn) == row.megatron
-    assert (module_param_name("decoder.layers.1.mlp.linear_fc1.layer_norm_weight", local)
-            == "decoder.layers.1.pre_mlp_layernorm.weight")
+    assert (
+        module_param_name("decoder.layers.1.mlp.linear_fc1.layer_norm_weight", local)
+        == "decoder.layers.1.pre_mlp_layernorm.weight"
+    )
 
 
 @pytest.mark.parametrize("heads, groups, head_dim", [(4, 4, 8), (8, 2, 4), (6, 1, 5)])
 def test_qkv_interleave_matches_a_per_head_loop(heads, groups, head_dim):
-    arch = GPTArchitecture(hidden_size=12, num_attention_heads=heads, num_query_groups=groups,
-                           kv_channels=head_dim)
+    arch = tiny_architecture(
+        hidden_size=12, num_attention_heads=heads, num_query_groups=groups, kv_channels=head_dim
+    )
     q = torch.randn(heads * head_dim, 12)
     k, v = torch.randn(groups * head_dim, 12), torch.randn(groups * head_dim, 12)
     expected = []
     for g in range(groups):
         for h in range(g * (heads // groups), (g + 1) * (heads // groups)):
-            expected.append(q[h * head_dim:(h + 1) * head_dim])
-        expected += [k[g * head_dim:(g + 1) * head_dim], v[g * head_dim:(g + 1) * head_dim]]
+            expected.append(q[h * head_dim : (h + 1) * head_dim])
+        expected += [k[g * head_dim : (g + 1) * head_dim], v[g * head_dim : (g + 1) * head_dim]]
     fused = QKV.to_megatron([q, k, v], arch, None)
     assert torch.equal(fused, torch.cat(expected))
     assert all(torch.equal(a, b) for a, b in zip(QKV.to_hf(fused, arch), (q, k, v)))
@@ -88,7 +107,7 @@ def test_qkv_interleave_matches_a_per_head_loop(heads, groups, head_dim):
 
 
 def test_gate_up_and_vocab_padding_round_trip():
-    arch = GPTArchitecture(vocab_size=5)
+    arch = tiny_architecture(vocab_size=5)
     gate, up = torch.randn(6, 3), torch.randn(6, 3)
     fc1 = GATE_UP.to_megatron([gate, up], arch, None)
     assert torch.equal(fc1, torch.cat([gate, up]))

@@ -14,8 +14,16 @@ K = 4
 
 
 def _demo(args, tmp_path, timeout=900):
-    cmd = [sys.executable, "-m", "megatron_rift.cli", "demo", "--miniature",
-           "--samples-per-problem", str(K), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_rift.cli",
+        "demo",
+        "--miniature",
+        "--samples-per-problem",
+        str(K),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
 
 
@@ -41,8 +49,11 @@ def _check_rollouts_and_rewards(seed):
         # The math verifier's rule, re-implemented: the last \boxed{...}, else the last number.
         boxed = r["response"].rsplit("\\boxed{", 1)
         numbers = re.findall(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?", r["response"])
-        answer = (boxed[1].split("}", 1)[0].strip() if len(boxed) == 2
-                  else (numbers[-1] if numbers else None))
+        answer = (
+            boxed[1].split("}", 1)[0].strip()
+            if len(boxed) == 2
+            else (numbers[-1] if numbers else None)
+        )
         assert r["correct"] == _same_number(answer, problems[r["prompt_id"]]["answer"]), r
     stats = json.loads((seed / "data" / "rollouts.json").read_text())
     trainable = [r for r in rollouts if r["response"].strip()]
@@ -94,8 +105,10 @@ def test_miniature_pipeline_writes_consistent_results(tmp_path):
         assert rft["rollouts"] == stats["positive"] < stats["rollouts"]
     assert "| rift |" in (out / "results.md").read_text()
     # Each fine-tuning run logged its losses; RIFT's are non-negative by construction.
-    rift_losses = [json.loads(line)["loss"] for line in
-                   (seed / "methods" / "rift" / "metrics.jsonl").read_text().splitlines()]
+    rift_losses = [
+        json.loads(line)["loss"]
+        for line in (seed / "methods" / "rift" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert rift_losses and min(rift_losses) >= 0
     # The in-process HF export wrote a loadable model with the trainer's tokenizer.
     from transformers import AutoConfig
@@ -145,7 +158,9 @@ def test_problems_file_runs_the_same_pipeline(tmp_path):
     records = _user_records()
     problems.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     out = tmp_path / "demo"
-    proc = _demo(["--output-dir", str(out), "--problems", str(problems), "--methods", "rift"], tmp_path)
+    proc = _demo(
+        ["--output-dir", str(out), "--problems", str(problems), "--methods", "rift"], tmp_path
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     seed = out / "seed0"
     # Half of the train problems with a solution pretrain the base, the rest are post-training.
@@ -153,18 +168,27 @@ def test_problems_file_runs_the_same_pipeline(tmp_path):
     train = _read_jsonl(seed / "problems" / "train.jsonl")
     assert len(base) == 80 and len(train) == 80
     assert {p["question"] for p in base}.isdisjoint(p["question"] for p in train)
-    assert {p["question"] for p in _read_jsonl(seed / "problems" / "test.jsonl")} == \
-        {r["question"] for r in records if r["split"] == "test"}
+    assert {p["question"] for p in _read_jsonl(seed / "problems" / "test.jsonl")} == {
+        r["question"] for r in records if r["split"] == "test"
+    }
     methods = json.loads((out / "results.json").read_text())["methods"]
     assert set(methods) == {"base", "rift"}
 
 
 def test_problems_file_bad_record_names_the_line(tmp_path):
     problems = tmp_path / "bad.jsonl"
-    good = {"question": "What is 2+2?", "answer": "4", "split": "train", "solution": "2+2=4. \\boxed{4}"}
-    problems.write_text(json.dumps(good) + "\n" + json.dumps({"question": "3+3?", "split": "test"}) + "\n")
-    proc = _demo(["--output-dir", str(tmp_path / "out"), "--problems", str(problems)], tmp_path,
-                 timeout=120)
+    good = {
+        "question": "What is 2+2?",
+        "answer": "4",
+        "split": "train",
+        "solution": "2+2=4. \\boxed{4}",
+    }
+    problems.write_text(
+        json.dumps(good) + "\n" + json.dumps({"question": "3+3?", "split": "test"}) + "\n"
+    )
+    proc = _demo(
+        ["--output-dir", str(tmp_path / "out"), "--problems", str(problems)], tmp_path, timeout=120
+    )
     assert proc.returncode == 2
     assert f"{problems}:2" in proc.stderr and "answer" in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing written before the input is known good
@@ -179,12 +203,15 @@ def test_export_stage_names_a_bad_checkpoint_and_writes_nothing(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.mark.parametrize("argv, methods", [
-    ([], ("sft", "dft", "rft", "rift", "naive", "dpo")),
-    (["--miniature"], ("rft", "rift")),
-    (["--miniature", "--methods", "dpo, kto"], ("dpo", "kto")),
-    (["--methods", "all"], ("sft", "dft", "rft", "rift", "naive", "dpo", "kto", "simpo")),
-])
+@pytest.mark.parametrize(
+    "argv, methods",
+    [
+        ([], ("sft", "dft", "rft", "rift", "naive", "dpo")),
+        (["--miniature"], ("rft", "rift")),
+        (["--miniature", "--methods", "dpo, kto"], ("dpo", "kto")),
+        (["--methods", "all"], ("sft", "dft", "rft", "rift", "naive", "dpo", "kto", "simpo")),
+    ],
+)
 def test_methods_default_to_the_run_size(argv, methods):
     from megatron_rift.demo.cli import build_parser, config_from_args
 

@@ -8,8 +8,13 @@ from megatron_rift.demo.report import aggregate, markdown
 
 def _run(base_test, rift_test, base_ood, rift_ood):
     def result(test, ood):
-        return {"benchmarks": {"test": {"mean_at_k": test, "pass_at_k": min(1.0, 2 * test)},
-                               "ood": {"mean_at_k": ood, "pass_at_k": min(1.0, 2 * ood)}}}
+        return {
+            "benchmarks": {
+                "test": {"mean_at_k": test, "pass_at_k": min(1.0, 2 * test)},
+                "ood": {"mean_at_k": ood, "pass_at_k": min(1.0, 2 * ood)},
+            }
+        }
+
     return {"results": {"base": result(base_test, base_ood), "rift": result(rift_test, rift_ood)}}
 
 

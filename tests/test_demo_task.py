@@ -6,8 +6,14 @@ import re
 
 import pytest
 
-from megatron_rift.demo.task import (IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, ProblemsFileError,
-                                     generate_splits, load_problems_file, task_texts)
+from megatron_rift.demo.task import (
+    IN_DISTRIBUTION,
+    OUT_OF_DISTRIBUTION,
+    ProblemsFileError,
+    generate_splits,
+    load_problems_file,
+    task_texts,
+)
 from megatron_rift.rewards import get_verifier
 
 SIZES = {"base": 600, "train": 120, "val": 60, "test": 120, "ood": 120}
@@ -37,7 +43,7 @@ def _solve_question(question):
     steps, largest = 0, value
     for sentence in sentences[1:-1]:
         assert sentence.startswith(name + " "), sentence
-        action = sentence[len(name) + 1:]
+        action = sentence[len(name) + 1 :]
         for pattern, effect in _SENTENCE_EFFECTS:
             match = re.fullmatch(pattern, action)
             if match:
@@ -56,8 +62,9 @@ def test_deterministic_by_seed():
     first = generate_splits(seed=3, sizes=SIZES)
     again = generate_splits(seed=3, sizes=SIZES)
     other = generate_splits(seed=4, sizes=SIZES)
-    assert [p.to_record() for s in first.values() for p in s] == \
-        [p.to_record() for s in again.values() for p in s]
+    assert [p.to_record() for s in first.values() for p in s] == [
+        p.to_record() for s in again.values() for p in s
+    ]
     assert [p.question for p in first["test"]] != [p.question for p in other["test"]]
     # Held-out splits do not depend on how much base data is drawn.
     bigger_base = generate_splits(seed=3, sizes=dict(SIZES, base=900))
@@ -96,7 +103,11 @@ def test_splits_are_disjoint(splits):
     seen = {}
     for split, problems in splits.items():
         for problem in problems:
-            assert problem.question not in seen, (problem.question, split, seen.get(problem.question))
+            assert problem.question not in seen, (
+                problem.question,
+                split,
+                seen.get(problem.question),
+            )
             seen[problem.question] = split
         assert len({p.prompt_id for p in problems}) == len(problems)
 
@@ -111,8 +122,9 @@ def test_ood_is_harder_by_construction(splits):
     assert max(id_steps) < min(ood_steps)  # more operations, every time
     assert max(id_values) <= IN_DISTRIBUTION.max_value < max(ood_values)  # and larger numbers
     assert sum(ood_values) / len(ood_values) > 1.2 * sum(id_values) / len(id_values)
-    assert sum(len(p.solution) for p in splits["ood"]) / len(splits["ood"]) > \
-        1.2 * sum(len(p.solution) for p in splits["test"]) / len(splits["test"])
+    assert sum(len(p.solution) for p in splits["ood"]) / len(splits["ood"]) > 1.2 * sum(
+        len(p.solution) for p in splits["test"]
+    ) / len(splits["test"])
     # Reachable: a share of the base split has the OOD shape (more steps than in-distribution).
     base_steps, _ = shape(splits["base"])
     share = sum(s >= OUT_OF_DISTRIBUTION.min_steps for s in base_steps) / len(base_steps)
@@ -133,12 +145,28 @@ def _write_lines(path, lines):
 
 
 def test_problems_file_loader(tmp_path):
-    path = _write_lines(tmp_path / "p.jsonl", [
-        json.dumps({"question": "What is 2+3?", "answer": 5, "split": "train", "solution": "2+3=5. \\boxed{5}"}),
-        "",
-        json.dumps({"question": "What is 1/2 of 1?", "answer": "\\frac{1}{2}", "split": "ood",
-                    "prompt_id": "half"}),
-    ])
+    path = _write_lines(
+        tmp_path / "p.jsonl",
+        [
+            json.dumps(
+                {
+                    "question": "What is 2+3?",
+                    "answer": 5,
+                    "split": "train",
+                    "solution": "2+3=5. \\boxed{5}",
+                }
+            ),
+            "",
+            json.dumps(
+                {
+                    "question": "What is 1/2 of 1?",
+                    "answer": "\\frac{1}{2}",
+                    "split": "ood",
+                    "prompt_id": "half",
+                }
+            ),
+        ],
+    )
     problems = load_problems_file(path)
     assert [p.split for p in problems] == ["train", "ood"]
     assert problems[0].answer == "5" and problems[0].solution == " 2+3=5. \\boxed{5}"
@@ -147,17 +175,26 @@ def test_problems_file_loader(tmp_path):
     assert problems[1].prompt == "Q: What is 1/2 of 1?\nA:"
 
 
-@pytest.mark.parametrize("bad_line, message", [
-    ("{oops", "not valid JSON"),
-    (json.dumps(["question"]), "expected a JSON object"),
-    (json.dumps({"answer": "1", "split": "train"}), "missing field 'question'"),
-    (json.dumps({"question": "q", "split": "train"}), "missing field 'answer'"),
-    (json.dumps({"question": "q", "answer": "1"}), "missing field 'split'"),
-    (json.dumps({"question": "q", "answer": "1", "split": "base"}), "'split' is 'base'"),
-    (json.dumps({"question": " ", "answer": "1", "split": "test"}), "'question' is empty"),
-    (json.dumps({"question": "q", "answer": [1], "split": "test"}), "'answer' must be a string"),
-    (json.dumps({"question": "q", "answer": "1", "split": "test", "prompt_id": "a"}), "already used on line 1"),
-])
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ("{oops", "not valid JSON"),
+        (json.dumps(["question"]), "expected a JSON object"),
+        (json.dumps({"answer": "1", "split": "train"}), "missing field 'question'"),
+        (json.dumps({"question": "q", "split": "train"}), "missing field 'answer'"),
+        (json.dumps({"question": "q", "answer": "1"}), "missing field 'split'"),
+        (json.dumps({"question": "q", "answer": "1", "split": "base"}), "'split' is 'base'"),
+        (json.dumps({"question": " ", "answer": "1", "split": "test"}), "'question' is empty"),
+        (
+            json.dumps({"question": "q", "answer": [1], "split": "test"}),
+            "'answer' must be a string",
+        ),
+        (
+            json.dumps({"question": "q", "answer": "1", "split": "test", "prompt_id": "a"}),
+            "already used on line 1",
+        ),
+    ],
+)
 def test_problems_file_errors_name_the_line(tmp_path, bad_line, message):
     good = json.dumps({"question": "q0", "answer": "1", "split": "train", "prompt_id": "a"})
     path = _write_lines(tmp_path / "user.jsonl", [good, "", bad_line])
@@ -173,6 +210,7 @@ def test_problems_file_missing_or_empty(tmp_path):
 
 
 # ---- tokenizer ----
+
 
 @pytest.fixture(scope="module")
 def tokenizer_folder(splits, tmp_path_factory):
@@ -202,18 +240,30 @@ def test_tokenizer_specials_and_digits(tokenizer_folder):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    assert (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == \
-        ("<pad>", "<s>", "</s>", "<unk>")
-    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
-            tokenizer.unk_token_id) == (0, 1, 2, 3)
+    assert (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == (
+        "<pad>",
+        "<s>",
+        "</s>",
+        "<unk>",
+    )
+    assert (
+        tokenizer.pad_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.unk_token_id,
+    ) == (0, 1, 2, 3)
     # Nothing is added around a text: whoever builds sequences appends </s> itself.
     assert tokenizer("12")["input_ids"] == tokenizer.encode("12", add_special_tokens=False)
     # Numbers are spelled one digit per token.
-    pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode("x 1234+56=1290", add_special_tokens=False))
+    pieces = tokenizer.convert_ids_to_tokens(
+        tokenizer.encode("x 1234+56=1290", add_special_tokens=False)
+    )
     assert [p for p in pieces if any(ch.isdigit() for ch in p)] == list("1234561290")
     # A response tokenizes the same alone as after its prompt.
     prompt, response = "Q: Tom has 5 apples.\nA:", " 5+3=8. \\boxed{8}"
-    assert tokenizer.encode(prompt + response) == tokenizer.encode(prompt) + tokenizer.encode(response)
+    assert tokenizer.encode(prompt + response) == tokenizer.encode(prompt) + tokenizer.encode(
+        response
+    )
     assert len(tokenizer) <= 512
 
 

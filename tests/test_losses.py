@@ -1,14 +1,23 @@
 """The loss family: parity with a plain-PyTorch reference (TP=1, TP=2 through Megatron's
 vocab-parallel CE), numerical stability, the counting contract, packed rows, and the training-level
-behaviour the paper predicts (naive collapses, RIFT stays bounded)."""
+behaviour the paper predicts (naive collapses, RIFT stays bounded). Every loss is reached by name
+through the objectives registry (tests/objective_losses.py), as the trainer reaches it; the
+registry's declared metrics are checked against what each loss reports."""
 
 import math
 
 import pytest
 import torch
 
-from megatron_rift.losses import TOKEN_OBJECTIVES as OBJECTIVES, compute_loss, make_loss_func
-from tests.loss_reference import reference_loss
+from megatron_rift.losses import CHOSEN, KL_SAMPLE, REJECTED
+from megatron_rift.objectives import Unit, get_objective, objective_names, objectives
+from tests.objective_losses import (
+    TOKEN_OBJECTIVES as OBJECTIVES,
+    compute_loss,
+    objective_loss_func,
+    preference_batch,
+    token_batch,
+)
 from tests.torchrun_utils import REPO, read_rank_results, run_torchrun
 
 WORKERS = REPO / "tests" / "workers"
@@ -61,10 +70,10 @@ def test_counting_contract_and_empty_micro_batch():
     for objective, expected in [("sft", 9), ("dft", 9), ("rift", 9), ("naive", 9), ("rft", 3)]:
         assert compute_loss(ce, mask, rewards, objective)[1].item() == expected
     # A micro-batch with no counted tokens: 0, never NaN, through Megatron's loss_func contract.
-    loss_func = make_loss_func(torch.zeros(3, 4), rewards, "rift")
+    loss_func = objective_loss_func("rift", token_batch(torch.zeros(3, 4), rewards))
     loss_sum, n, report = loss_func(ce)
     assert loss_sum.item() == 0.0 and n.item() == 0 and not torch.isnan(report["loss"]).any()
-    only_negatives = make_loss_func(mask, torch.tensor([-1.0, -1.0, -1.0]), "rft")(ce)
+    only_negatives = objective_loss_func("rft", token_batch(mask, torch.tensor([-1.0] * 3)))(ce)
     assert only_negatives[0].item() == 0.0 and only_negatives[1].item() == 0
 
 
@@ -74,7 +83,9 @@ def test_report_matches_loss_and_metrics():
     labels = torch.randint(0, 5, (2, 3), generator=g)
     mask = torch.ones(2, 3)
     ce = _ce(logits, labels)
-    loss_sum, n, report = make_loss_func(mask, torch.tensor([1.0, -0.5]), "rift")(ce)
+    loss_sum, n, report = objective_loss_func("rift", token_batch(mask, torch.tensor([1.0, -0.5])))(
+        ce
+    )
     assert report["loss"].tolist() == pytest.approx([loss_sum.item(), 3 + 3])
     frac = report["negative_token_fraction"]
     assert (frac[0] / frac[1]).item() == pytest.approx(0.5)
@@ -108,10 +119,46 @@ def test_packed_rows_equal_unpacked_samples(mode):
 
 def test_bad_objective_and_mode_are_named():
     ce, mask, r = torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1)
-    with pytest.raises(ValueError, match="unknown objective 'ppo'.*sft"):
-        compute_loss(ce, mask, r, "ppo")
+    with pytest.raises(KeyError, match="unknown objective 'ppo'.*sft") as err:
+        get_objective("ppo")
+    assert all(name in str(err.value) for name in objective_names())
+    with pytest.raises(KeyError, match="unknown objective 'ppo'"):
+        compute_loss(ce, mask, r, "ppo")  # the registry path the trainer takes
     with pytest.raises(ValueError, match="unknown negative_mode 'log'"):
         compute_loss(ce, mask, r, "rift", "log")
+
+
+def _metrics_batch(objective):
+    """(per-token CE with grad, a valid batch for the objective's unit): 4 rows, one sample each."""
+    g = torch.Generator().manual_seed(4)
+    b, s = 4, 5
+    ce = (torch.rand(b, s, generator=g) * 3).requires_grad_(True)
+    mask = torch.tensor(
+        [[0, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 1, 1, 0, 0], [0, 1, 1, 1, 0]]
+    ).float()
+    if objective.unit is Unit.ROLLOUT:
+        return ce, token_batch(mask, torch.tensor([1.0, -0.5, 0.0, -2.0]))
+    roles = {
+        Unit.PAIR: [CHOSEN, REJECTED, CHOSEN, REJECTED],
+        Unit.MISMATCHED: [CHOSEN, KL_SAMPLE, REJECTED, KL_SAMPLE],
+    }[objective.unit]
+    segment_ids = torch.arange(b).unsqueeze(-1).expand(b, s).contiguous()
+    ref_logprobs = -torch.rand(b, generator=g) * 8 if objective.reference else None
+    return ce, preference_batch(mask, segment_ids, torch.tensor(roles), ref_logprobs)
+
+
+@pytest.mark.parametrize("objective", objectives(), ids=lambda o: o.name)
+def test_losses_report_exactly_the_metrics_their_registry_entry_declares(objective):
+    assert len(set(objective.metrics)) == len(objective.metrics) and "loss" not in objective.metrics
+    ce, batch = _metrics_batch(objective)
+    loss_sum, count, metrics = objective.load_loss()(ce, batch)
+    assert sorted(metrics) == sorted(objective.metrics), objective.name
+    loss_sum2, count2, report = objective_loss_func(objective.name, batch)(ce)
+    assert sorted(report) == sorted(["loss", *objective.metrics]), objective.name
+    assert int(count) == int(count2) > 0 and loss_sum2.item() == pytest.approx(loss_sum.item())
+    for name, value in report.items():
+        assert value.shape == (2,) and not value.requires_grad, (objective.name, name)
+        assert torch.isfinite(value).all(), (objective.name, name, value)
 
 
 @pytest.mark.distributed
@@ -121,9 +168,13 @@ def test_naive_collapses_while_rift_stays_non_negative(tmp_path):
     for objective in ("naive", "rift"):
         out = tmp_path / objective
         out.mkdir()
-        run_torchrun(WORKERS / "tiny_gpt_train_worker.py", ["--objective", objective, "--steps", "300",
-                                                            "--lr", "1e-2"],
-                     nproc=1, result_dir=out, timeout=300)
+        run_torchrun(
+            WORKERS / "tiny_gpt_train_worker.py",
+            ["--objective", objective, "--steps", "300", "--lr", "1e-2"],
+            nproc=1,
+            result_dir=out,
+            timeout=300,
+        )
         results[objective] = read_rank_results(out, 1)[0]["losses"]
     naive = results["naive"]
     assert not math.isfinite(naive[-1]) or min(naive) < -100, naive[-5:]
@@ -136,8 +187,13 @@ def test_rift_training_losses_equal_at_tp1_and_tp2(tmp_path):
     for tp in (1, 2):
         out = tmp_path / f"tp{tp}"
         out.mkdir()
-        run_torchrun(WORKERS / "tiny_gpt_train_worker.py", ["--objective", "rift", "--steps", "20"],
-                     nproc=tp, result_dir=out, timeout=300)
+        run_torchrun(
+            WORKERS / "tiny_gpt_train_worker.py",
+            ["--objective", "rift", "--steps", "20"],
+            nproc=tp,
+            result_dir=out,
+            timeout=300,
+        )
         runs[tp] = read_rank_results(out, tp)
     tp1 = runs[1][0]["losses"]
     assert len(tp1) == 20 and tp1[-1] < tp1[0]  # it trains

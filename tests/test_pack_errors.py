@@ -32,15 +32,27 @@ def assert_failed_cleanly(proc, out_dir, *needles):
 
 # (name, file lines, expected line number, words the message must contain)
 BAD_JSONL = [
-    ("malformed", [line(), "", '{"prompt": "a", "response": "b", "reward": 1,}'], 3,
-     ["malformed JSON"]),
+    (
+        "malformed",
+        [line(), "", '{"prompt": "a", "response": "b", "reward": 1,}'],
+        3,
+        ["malformed JSON"],
+    ),
     ("missing_response", [line(), line(response=...)], 2, ["missing field 'response'"]),
     ("missing_reward", [line(), line(), line(reward=...)], 3, ["no reward", "--reward-key"]),
     ("string_reward", [line(), line(reward="high")], 2, ["'reward' must be a number"]),
-    ("nan_reward", [line(), '{"prompt": "p", "response": "r", "reward": NaN}'], 2,
-     ["'reward' is nan", "finite"]),
-    ("inf_reward", [line(), line(), '{"prompt": "p", "response": "r", "reward": 1e999}'], 3,
-     ["'reward' is inf", "finite"]),
+    (
+        "nan_reward",
+        [line(), '{"prompt": "p", "response": "r", "reward": NaN}'],
+        2,
+        ["'reward' is nan", "finite"],
+    ),
+    (
+        "inf_reward",
+        [line(), line(), '{"prompt": "p", "response": "r", "reward": 1e999}'],
+        3,
+        ["'reward' is inf", "finite"],
+    ),
     ("empty_response", [line(), line(response="  ")], 2, ["'response' is empty"]),
     ("bad_correct", [line(reward=..., correct="yes")], 1, ["'correct' must be true or false"]),
     ("not_an_object", [line(), "[1, 2]"], 2, ["expected a JSON object"]),
@@ -70,8 +82,18 @@ def test_overlong_under_error_names_the_line(tmp_path, tokenizers):
     path.write_text("\n".join([line(), line(), line(response=long), line()]) + "\n")
     out = tmp_path / "out"
     # The failure happens while writing (pass 2): the temporary files must go too.
-    proc = run_cli("--input", path, "--output-prefix", out / "ds", "--tokenizer", tokenizers[0],
-                   "--max-seq-length", "40", "--chunk-size", "1")
+    proc = run_cli(
+        "--input",
+        path,
+        "--output-prefix",
+        out / "ds",
+        "--tokenizer",
+        tokenizers[0],
+        "--max-seq-length",
+        "40",
+        "--chunk-size",
+        "1",
+    )
     assert_failed_cleanly(proc, out, f"{path}:3:", "--max-seq-length 40", "--overlong drop")
 
 
@@ -98,8 +120,14 @@ def test_unknown_input_format_and_missing_file(tmp_path, tokenizers):
     out = tmp_path / "out"
     proc = run_cli("--input", data, "--output-prefix", out / "ds", "--tokenizer", tokenizers[1])
     assert_failed_cleanly(proc, out, str(data), "unknown input format", ".jsonl")
-    proc = run_cli("--input", tmp_path / "absent.jsonl", "--output-prefix", out / "ds",
-                   "--tokenizer", tokenizers[1])
+    proc = run_cli(
+        "--input",
+        tmp_path / "absent.jsonl",
+        "--output-prefix",
+        out / "ds",
+        "--tokenizer",
+        tokenizers[1],
+    )
     assert_failed_cleanly(proc, out, "absent.jsonl", "does not exist")
 
 
@@ -113,11 +141,16 @@ def test_existing_prefix_needs_overwrite(tmp_path, tokenizers):
     assert proc.returncode != 0 and "--overwrite" in proc.stderr, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["ds.json"]
     assert (out / "ds.json").read_text() == "old"
-    proc = run_cli("--input", data, "--output-prefix", out / "ds", "--tokenizer", tokenizers[1],
-                   "--overwrite")
+    proc = run_cli(
+        "--input", data, "--output-prefix", out / "ds", "--tokenizer", tokenizers[1], "--overwrite"
+    )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == [
-        "ds.bin", "ds.idx", "ds.json", "ds.rewards.npy"]
+        "ds.bin",
+        "ds.idx",
+        "ds.json",
+        "ds.rewards.npy",
+    ]
     assert json.loads((out / "ds.json").read_text())["rollouts"] == 2
 
 
@@ -125,6 +158,13 @@ def test_chat_template_needs_an_hf_tokenizer_with_one(tmp_path, tokenizers):
     data = tmp_path / "rollouts.jsonl"
     data.write_text(line() + "\n")
     out = tmp_path / "out"
-    proc = run_cli("--input", data, "--output-prefix", out / "ds", "--tokenizer", tokenizers[1],
-                   "--chat-template")
+    proc = run_cli(
+        "--input",
+        data,
+        "--output-prefix",
+        out / "ds",
+        "--tokenizer",
+        tokenizers[1],
+        "--chat-template",
+    )
     assert_failed_cleanly(proc, out, str(tokenizers[1]), "no chat template", "--chat-template")

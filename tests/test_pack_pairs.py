@@ -11,32 +11,65 @@ from megatron_rift.data import PackConfig, RewardDataset, RolloutDataError, pack
 from tests.rollout_fixtures import build_tokenizers, run_cli, write_jsonl
 
 ROLLOUTS = [  # two problems, ground truth in "solution"
-    {"prompt_id": 1, "prompt": "what is two plus two", "response": "it is four",
-     "solution": "two plus two is four", "correct": True},
-    {"prompt_id": 1, "prompt": "what is two plus two", "response": "it is five",
-     "solution": "two plus two is four", "correct": False},
-    {"prompt_id": 2, "prompt": "name a color", "response": "the sky",
-     "solution": "blue is a color", "reward": -0.5},
-    {"prompt_id": 2, "prompt": "name a color", "response": "red is one",
-     "solution": "blue is a color", "reward": 2.0},
+    {
+        "prompt_id": 1,
+        "prompt": "what is two plus two",
+        "response": "it is four",
+        "solution": "two plus two is four",
+        "correct": True,
+    },
+    {
+        "prompt_id": 1,
+        "prompt": "what is two plus two",
+        "response": "it is five",
+        "solution": "two plus two is four",
+        "correct": False,
+    },
+    {
+        "prompt_id": 2,
+        "prompt": "name a color",
+        "response": "the sky",
+        "solution": "blue is a color",
+        "reward": -0.5,
+    },
+    {
+        "prompt_id": 2,
+        "prompt": "name a color",
+        "response": "red is one",
+        "solution": "blue is a color",
+        "reward": 2.0,
+    },
 ]
-GIVEN = [{"prompt": "say hi", "chosen": "hi there", "rejected": "go away"},
-         {"prompt": "say bye", "chosen": "bye now", "rejected": "hello again and again"}]
+GIVEN = [
+    {"prompt": "say hi", "chosen": "hi there", "rejected": "go away"},
+    {"prompt": "say bye", "chosen": "bye now", "rejected": "hello again and again"},
+]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("pairs")
     hf, _ = build_tokenizers(root)
-    return {"root": root, "hf": hf, "tok": AutoTokenizer.from_pretrained(str(hf)),
-            "rollouts": write_jsonl(root / "rollouts.jsonl", ROLLOUTS),
-            "given": write_jsonl(root / "given.jsonl", GIVEN)}
+    return {
+        "root": root,
+        "hf": hf,
+        "tok": AutoTokenizer.from_pretrained(str(hf)),
+        "rollouts": write_jsonl(root / "rollouts.jsonl", ROLLOUTS),
+        "given": write_jsonl(root / "given.jsonl", GIVEN),
+    }
 
 
 def _pack(env, name, source, **kwargs):
     prefix = str(env["root"] / "out" / name)
-    summary = pack_rollouts(PackConfig(inputs=[str(env[source])], output_prefix=prefix,
-                                       tokenizer=str(env["hf"]), progress=False, **kwargs))
+    summary = pack_rollouts(
+        PackConfig(
+            inputs=[str(env[source])],
+            output_prefix=prefix,
+            tokenizer=str(env["hf"]),
+            progress=False,
+            **kwargs,
+        )
+    )
     return prefix, summary
 
 
@@ -70,18 +103,24 @@ def test_given_pairs_keep_chosen_then_rejected(env):
     assert summary["num_pairs"] == 2
     for u, record in enumerate(GIVEN):
         for j, key in enumerate(("chosen", "rejected")):
-            assert ds[2 * u + j]["tokens"].tolist() == _expected(env["tok"], record["prompt"],
-                                                                 record[key])[0]
+            assert (
+                ds[2 * u + j]["tokens"].tolist()
+                == _expected(env["tok"], record["prompt"], record[key])[0]
+            )
 
 
 def test_overlong_drop_removes_the_whole_pair(env):
     # The second pair's rejected answer is the longest document: dropping it must drop its
     # chosen partner too, or every later pair would be shifted by one.
-    lengths = [len(_expected(env["tok"], g["prompt"], g[k])[0]) for g in GIVEN
-               for k in ("chosen", "rejected")]
+    lengths = [
+        len(_expected(env["tok"], g["prompt"], g[k])[0])
+        for g in GIVEN
+        for k in ("chosen", "rejected")
+    ]
     limit = sorted(lengths)[-1] - 1
-    prefix, summary = _pack(env, "drop", "given", pairs="given", max_seq_length=limit,
-                            overlong="drop")
+    prefix, summary = _pack(
+        env, "drop", "given", pairs="given", max_seq_length=limit, overlong="drop"
+    )
     ds = RewardDataset(prefix)
     assert len(ds) == 2 and summary["num_pairs"] == 1 and summary["pairs_dropped"] == 1
     assert ds[0]["tokens"].tolist() == _expected(env["tok"], "say hi", "hi there")[0]
@@ -97,8 +136,9 @@ def test_missing_solution_is_reported_with_file_and_line(env):
     records = [dict(ROLLOUTS[0]), {k: v for k, v in ROLLOUTS[1].items() if k != "solution"}]
     path = write_jsonl(env["root"] / "no_solution.jsonl", records)
     out = env["root"] / "cli" / "nosol"
-    proc = run_cli("--input", path, "--output-prefix", out, "--tokenizer", env["hf"],
-                   "--pairs", "ground-truth")
+    proc = run_cli(
+        "--input", path, "--output-prefix", out, "--tokenizer", env["hf"], "--pairs", "ground-truth"
+    )
     assert proc.returncode == 2
     assert f"{path}:2: missing field 'solution'" in proc.stderr
     assert not list((env["root"] / "cli").glob("nosol*"))

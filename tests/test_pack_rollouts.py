@@ -27,14 +27,22 @@ SCHEMES = ("constant", "raw", "gaussian", "gpg-mean", "gpg-scaled")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("pack")
     hf, sp = build_tokenizers(root)
-    return {"root": root, "hf": hf, "sp": sp,
-            "jsonl": write_jsonl(root / "rollouts.jsonl", RECORDS)}
+    return {
+        "root": root,
+        "hf": hf,
+        "sp": sp,
+        "jsonl": write_jsonl(root / "rollouts.jsonl", RECORDS),
+    }
 
 
 def pack(env, name, tokenizer="sp", inputs=None, **kwargs) -> dict:
-    config = PackConfig(inputs=inputs or [str(env["jsonl"])],
-                        output_prefix=str(env["root"] / "out" / name),
-                        tokenizer=str(env[tokenizer]), progress=False, **kwargs)
+    config = PackConfig(
+        inputs=inputs or [str(env["jsonl"])],
+        output_prefix=str(env["root"] / "out" / name),
+        tokenizer=str(env[tokenizer]),
+        progress=False,
+        **kwargs,
+    )
     return pack_rollouts(config)
 
 
@@ -82,8 +90,11 @@ def hand_rewards(records, scheme, pos=1.0, neg=-0.2):
 def hf_expected(folder, record, chat_template):
     tok = AutoTokenizer.from_pretrained(str(folder))
     if chat_template:
-        text = tok.apply_chat_template([{"role": "user", "content": record["prompt"]}],
-                                       tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": record["prompt"]}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
         prompt = tok(text, add_special_tokens=False)["input_ids"]
     else:
         prompt = tok(record["prompt"])["input_ids"]
@@ -93,7 +104,9 @@ def hf_expected(folder, record, chat_template):
 
 def sp_expected(model, record):
     sp = spm.SentencePieceProcessor(model_file=str(model))
-    return [sp.bos_id()] + sp.encode(record["prompt"]), sp.encode(record["response"]) + [sp.eos_id()]
+    return [sp.bos_id()] + sp.encode(record["prompt"]), sp.encode(record["response"]) + [
+        sp.eos_id()
+    ]
 
 
 def check_tokens(ds, expected):
@@ -111,8 +124,9 @@ def test_round_trip_hf_tokenizer(env, chat_template):
     pack(env, f"hf_{chat_template}", tokenizer="hf", chat_template=chat_template)
     ds = RewardDataset(str(env["root"] / "out" / f"hf_{chat_template}"))
     check_tokens(ds, [hf_expected(env["hf"], r, chat_template) for r in RECORDS])
-    np.testing.assert_allclose([ds[i]["reward"] for i in range(len(ds))],
-                               hand_rewards(RECORDS, "constant"), rtol=1e-6)
+    np.testing.assert_allclose(
+        [ds[i]["reward"] for i in range(len(ds))], hand_rewards(RECORDS, "constant"), rtol=1e-6
+    )
     hf = AutoTokenizer.from_pretrained(str(env["hf"]))
     assert ds.info["tokenizer"]["eos_id"] == hf.eos_token_id
     assert ds.info["tokenizer"]["pad_id"] == hf.pad_token_id
@@ -135,12 +149,20 @@ def test_first_response_token_survives_a_merge(env):
     hf = AutoTokenizer.from_pretrained(str(env["hf"]))
     # Find a split where tokenizing the concatenation merges across the boundary.
     splits = [("the ca", "t sat on a mat"), ("add tw", "o and three"), ("the answer i", "s five")]
-    merged = [(p, r) for p, r in splits
-              if hf(p + r)["input_ids"] != hf(p)["input_ids"] + hf(r, add_special_tokens=False)["input_ids"]]
+    merged = [
+        (p, r)
+        for p, r in splits
+        if hf(p + r)["input_ids"]
+        != hf(p)["input_ids"] + hf(r, add_special_tokens=False)["input_ids"]
+    ]
     assert merged, "the tiny BPE merges none of the candidate splits; pick others"
     records = [{"prompt": p, "response": r, "correct": True} for p, r in merged]
-    pack(env, "merge", tokenizer="hf",
-         inputs=[str(write_jsonl(env["root"] / "merge.jsonl", records))])
+    pack(
+        env,
+        "merge",
+        tokenizer="hf",
+        inputs=[str(write_jsonl(env["root"] / "merge.jsonl", records))],
+    )
     ds = RewardDataset(str(env["root"] / "out" / "merge"))
     check_tokens(ds, [hf_expected(env["hf"], r, False) for r in records])
 
@@ -149,10 +171,15 @@ def test_first_response_token_survives_a_merge(env):
 def test_reward_schemes(env, scheme):
     summary = pack(env, f"scheme_{scheme}", reward_scheme=scheme)
     ds = RewardDataset(str(env["root"] / "out" / f"scheme_{scheme}"))
-    np.testing.assert_allclose(np.asarray(ds.rewards, dtype=np.float64),
-                               hand_rewards(RECORDS, scheme), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(ds.side["raw_reward"]),
-                               [raw_reward(r) for r in RECORDS], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(ds.rewards, dtype=np.float64),
+        hand_rewards(RECORDS, scheme),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+    np.testing.assert_allclose(
+        np.asarray(ds.side["raw_reward"]), [raw_reward(r) for r in RECORDS], rtol=1e-6
+    )
     assert summary["arguments"]["reward_scheme"] == scheme
 
 
@@ -171,21 +198,31 @@ def test_statistics(env):
     positive = sum(is_positive(r) for r in RECORDS)
     mixed = sum(1 for flags in by_group.values() if any(flags) and not all(flags))
     hand = {
-        "problems": len(by_group), "rollouts": len(RECORDS), "positive": positive,
-        "negative": len(RECORDS) - positive, "positive_fraction": positive / len(RECORDS),
-        "mixed_problems": mixed, "mixed_fraction": mixed / len(by_group),
+        "problems": len(by_group),
+        "rollouts": len(RECORDS),
+        "positive": positive,
+        "negative": len(RECORDS) - positive,
+        "positive_fraction": positive / len(RECORDS),
+        "mixed_problems": mixed,
+        "mixed_fraction": mixed / len(by_group),
         "prompt_tokens": sum(len(p) for p, _ in expected),
         "response_tokens": sum(len(r) for _, r in expected),
         "total_tokens": sum(len(p) + len(r) for p, r in expected),
-        "overlong": 0, "overlong_dropped": 0, "overlong_truncated": 0,
+        "overlong": 0,
+        "overlong_dropped": 0,
+        "overlong_truncated": 0,
     }
     on_disk = json.loads((env["root"] / "out" / "stats.json").read_text())
     for key, value in hand.items():
         assert summary[key] == pytest.approx(value), key
         assert on_disk[key] == pytest.approx(value), key
-    assert on_disk["zero_reward"] == sum(1 for r in RECORDS if "correct" not in r and r["reward"] == 0)
-    assert on_disk["tokenizer"]["eos_id"] == spm.SentencePieceProcessor(
-        model_file=str(env["sp"])).eos_id()
+    assert on_disk["zero_reward"] == sum(
+        1 for r in RECORDS if "correct" not in r and r["reward"] == 0
+    )
+    assert (
+        on_disk["tokenizer"]["eos_id"]
+        == spm.SentencePieceProcessor(model_file=str(env["sp"])).eos_id()
+    )
 
 
 def test_keep_positive_builds_rft_dataset(env):
@@ -226,8 +263,13 @@ def test_json_array_and_parquet_with_remapped_fields_match_jsonl(env):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rename = {"prompt": "question", "response": "completion", "reward": "score",
-              "correct": "is_correct", "prompt_id": "uid"}
+    rename = {
+        "prompt": "question",
+        "response": "completion",
+        "reward": "score",
+        "correct": "is_correct",
+        "prompt_id": "uid",
+    }
     renamed = [{rename[k]: v for k, v in r.items()} for r in RECORDS]
     # Parquet needs one type per column: prompt ids as strings (grouping is by str(id) anyway).
     for r in renamed:
@@ -238,8 +280,13 @@ def test_json_array_and_parquet_with_remapped_fields_match_jsonl(env):
     parquet_path = env["root"] / "rollouts.parquet"
     columns = {name: [r.get(name) for r in renamed] for name in rename.values()}
     pq.write_table(pa.table(columns), parquet_path, row_group_size=4)
-    fields = RolloutFields(prompt="question", response="completion", reward="score",
-                           correct="is_correct", prompt_id="uid")
+    fields = RolloutFields(
+        prompt="question",
+        response="completion",
+        reward="score",
+        correct="is_correct",
+        prompt_id="uid",
+    )
     pack(env, "ref_jsonl")
     pack(env, "from_json", inputs=[str(json_path)], fields=fields)
     pack(env, "from_parquet", inputs=[str(parquet_path)], fields=fields)
@@ -268,13 +315,25 @@ def test_megatron_indexed_dataset_reads_the_output(env):
 def test_cli_with_two_workers_matches_library(env):
     out = env["root"] / "out"
     pack(env, "lib_hf", tokenizer="hf", chat_template=True, chunk_size=3)
-    proc = run_cli("--input", env["jsonl"], "--output-prefix", out / "cli_hf", "--tokenizer",
-                   env["hf"], "--chat-template", "--workers", "2", "--chunk-size", "3")
+    proc = run_cli(
+        "--input",
+        env["jsonl"],
+        "--output-prefix",
+        out / "cli_hf",
+        "--tokenizer",
+        env["hf"],
+        "--chat-template",
+        "--workers",
+        "2",
+        "--chunk-size",
+        "3",
+    )
     assert proc.returncode == 0, proc.stderr
     assert (out / "cli_hf.bin").read_bytes() == (out / "lib_hf.bin").read_bytes()
     assert (out / "cli_hf.idx").read_bytes() == (out / "lib_hf.idx").read_bytes()
-    np.testing.assert_array_equal(np.load(out / "cli_hf.rewards.npy"),
-                                  np.load(out / "lib_hf.rewards.npy"))
+    np.testing.assert_array_equal(
+        np.load(out / "cli_hf.rewards.npy"), np.load(out / "lib_hf.rewards.npy")
+    )
     cli_json = json.loads((out / "cli_hf.json").read_text())
     assert cli_json["arguments"]["workers"] == 2
     assert cli_json["rollouts"] == len(RECORDS)

@@ -15,31 +15,49 @@ from megatron_rift.data.dataset import RewardDataset
 from megatron_rift.data.preference import (
     REF_DTYPE,
     REF_FORMAT,
-    PreferenceUnits,
     ReferenceLogprobs,
     dataset_fingerprint,
     kl_partners,
     ref_paths,
 )
-from megatron_rift.training.arguments import parse_args
-from megatron_rift.training.data import TrainingData
-from megatron_rift.training.validation import ConfigError
+from megatron_rift.objectives import get_objective
+from megatron_rift.training.arguments import parse_train_config
+from megatron_rift.training.data import TrainingData, open_units
+from megatron_rift.training.preflight import ConfigError
 from tests.workers.train_data import build_pairs_dataset, build_rollout_dataset
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("prefdata")
-    return {"pairs": build_pairs_dataset(root / "pairs"),
-            "rollouts": build_rollout_dataset(root / "rollouts")}
+    return {
+        "pairs": build_pairs_dataset(root / "pairs"),
+        "rollouts": build_rollout_dataset(root / "rollouts"),
+    }
 
 
-def _args(prefix, objective, mbs=2, gbs=8, **extra):
-    argv = ["--data-path", prefix, "--objective", objective, "--micro-batch-size", str(mbs),
-            "--global-batch-size", str(gbs), "--seq-length", "32"]
+def _training_data(prefix, objective, dp_rank=0, dp_size=1, mbs=2, gbs=8, **extra):
+    """The trainer's data path for these flags: units opened as the trainer does."""
+    argv = [
+        "--data-path",
+        prefix,
+        "--objective",
+        objective,
+        "--micro-batch-size",
+        str(mbs),
+        "--global-batch-size",
+        str(gbs),
+        "--seq-length",
+        "32",
+    ]
     for key, value in extra.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    return parse_args(argv)
+    config = parse_train_config(argv)
+    dataset = RewardDataset(prefix)
+    units = open_units(get_objective(objective), config.objective, dataset)
+    return TrainingData(
+        dataset, units, config.data, config.schedule, 32, dp_rank, dp_size, use_te=False
+    )
 
 
 def _write_reference(prefix, rows=None, fingerprint=None, kl=True):
@@ -52,8 +70,14 @@ def _write_reference(prefix, rows=None, fingerprint=None, kl=True):
     paths = ref_paths(prefix)
     np.save(paths["npy"], rows)
     with open(paths["json"], "w") as f:
-        json.dump({"format": REF_FORMAT, "kl_samples": kl,
-                   "dataset_fingerprint": fingerprint or dataset_fingerprint(prefix)}, f)
+        json.dump(
+            {
+                "format": REF_FORMAT,
+                "kl_samples": kl,
+                "dataset_fingerprint": fingerprint or dataset_fingerprint(prefix),
+            },
+            f,
+        )
     return rows
 
 
@@ -62,7 +86,7 @@ def test_dpo_micro_batches_hold_whole_pairs_and_cover_the_epoch(data, dp_size):
     rows = _write_reference(data["pairs"])
     seen = []
     for dp_rank in range(dp_size):
-        td = TrainingData(_args(data["pairs"], "dpo"), 32, dp_rank, dp_size, use_te=False)
+        td = _training_data(data["pairs"], "dpo", dp_rank, dp_size)
         assert td.rows_per_micro_batch == 4
         for _ in range(td.batches_per_epoch):
             micro_batches, _ = td.next_step()
@@ -81,7 +105,7 @@ def test_dpo_micro_batches_hold_whole_pairs_and_cover_the_epoch(data, dp_size):
 def test_kto_units_pair_each_sample_with_a_mismatched_response(data):
     rows = _write_reference(data["rollouts"])
     ds = RewardDataset(data["rollouts"])
-    td = TrainingData(_args(data["rollouts"], "kto"), 32, 0, 1, use_te=False)
+    td = _training_data(data["rollouts"], "kto")
     micro_batches, tokens = td.next_step()
     for batch in micro_batches:
         roles = batch["roles"].tolist()
@@ -94,10 +118,13 @@ def test_kto_units_pair_each_sample_with_a_mismatched_response(data):
             # The mismatched sample: this prompt, then a response of another problem.
             row = batch["tokens"][int(batch["sample_rows"][slot + 1])]
             own = ds[doc]
-            assert row[:own["response_start"]].tolist() == own["tokens"][:own["response_start"]].tolist()
+            assert (
+                row[: own["response_start"]].tolist()
+                == own["tokens"][: own["response_start"]].tolist()
+            )
             partner = ds[int(kl_partners(ds.groups)[doc])]
-            tail = partner["tokens"][partner["response_start"]:].tolist()
-            assert row[own["response_start"]:own["response_start"] + len(tail)].tolist() == tail
+            tail = partner["tokens"][partner["response_start"] :].tolist()
+            assert row[own["response_start"] : own["response_start"] + len(tail)].tolist() == tail
             assert partner["group"] != own["group"]
 
 
@@ -130,12 +157,12 @@ def test_reference_logprobs_of_another_dataset_are_refused(data, tmp_path):
         ReferenceLogprobs(ref_paths(prefix)["npy"][:-4], ds, need_kl=True)
     # The trainer's data path turns it into a configuration error (exit 2 on every rank).
     with pytest.raises(ConfigError, match="--skip-kl-samples"):
-        TrainingData(_args(prefix, "kto"), 32, 0, 1, use_te=False)
+        _training_data(prefix, "kto")
 
 
 def test_dpo_on_a_plain_rollout_dataset_is_refused(data):
     with pytest.raises(ConfigError, match="--pairs ground-truth"):
-        TrainingData(_args(data["rollouts"], "dpo", reference="online"), 32, 0, 1, use_te=False)
+        _training_data(data["rollouts"], "dpo", reference="online")
 
 
 def test_reference_tool_bad_input_exits_2_before_any_work(data, tmp_path):
@@ -145,13 +172,26 @@ def test_reference_tool_bad_input_exits_2_before_any_work(data, tmp_path):
     from tests.torchrun_utils import REPO
 
     def tool(*args):
-        return subprocess.run([sys.executable, str(REPO / "tools/compute_ref_logprobs.py"), *args],
-                              capture_output=True, text=True, timeout=120, cwd=str(REPO))
+        return subprocess.run(
+            [sys.executable, str(REPO / "tools/compute_ref_logprobs.py"), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=str(REPO),
+        )
 
-    missing = tool("--load", str(tmp_path / "nowhere"), "--data-path", data["pairs"],
-                   "--output", str(tmp_path / "ref"))
+    missing = tool(
+        "--load",
+        str(tmp_path / "nowhere"),
+        "--data-path",
+        data["pairs"],
+        "--output",
+        str(tmp_path / "ref"),
+    )
     assert missing.returncode == 2 and f"--load {tmp_path / 'nowhere'}" in missing.stderr
     (tmp_path / "ref.npy").write_bytes(b"keep me")
-    exists = tool("--load", str(tmp_path), "--data-path", data["pairs"], "--output", str(tmp_path / "ref"))
+    exists = tool(
+        "--load", str(tmp_path), "--data-path", data["pairs"], "--output", str(tmp_path / "ref")
+    )
     assert exists.returncode == 2 and "--overwrite" in exists.stderr
     assert (tmp_path / "ref.npy").read_bytes() == b"keep me"  # nothing overwritten

@@ -1,17 +1,26 @@
 """The preference objectives (dpo, kto, simpo): parity with an independent plain-PyTorch reference
 (TP=1, TP=2 through Megatron's vocab-parallel CE, packed and one-sample-per-row micro-batches),
 sequence log-probs, role validation, KTO's reference point, numerical stability and DPO's value at
-policy == reference."""
+policy == reference. The losses are reached by name through the objectives registry
+(tests/objective_losses.py), as the trainer reaches them."""
 
 import math
 
 import pytest
 import torch
 
-from megatron_rift.losses import (CHOSEN, KL_SAMPLE, PREFERENCE_OBJECTIVES, REJECTED,
-                                  PreferenceSettings, compute_preference_loss, sequence_logprobs)
-from tests.preference_reference import (reference_preference_loss, sample_logprobs,
-                                        samples_from_segments)
+from megatron_rift.losses import CHOSEN, KL_SAMPLE, REJECTED, LossSettings, sequence_logprobs
+from megatron_rift.objectives import get_objective
+from tests.objective_losses import (
+    PREFERENCE_OBJECTIVES,
+    REFERENCE_OBJECTIVES,
+    compute_preference_loss,
+)
+from tests.preference_reference import (
+    reference_preference_loss,
+    sample_logprobs,
+    samples_from_segments,
+)
 from tests.test_losses import _ce
 from tests.torchrun_utils import REPO, read_rank_results, run_torchrun
 
@@ -22,7 +31,9 @@ NUM_CASES = 7  # CASES in preference_parity_worker.py
 @pytest.mark.distributed
 @pytest.mark.parametrize("tp", [1, 2])
 def test_preference_loss_and_logit_gradient_match_reference_under_tp(tmp_path, tp):
-    run_torchrun(WORKERS / "preference_parity_worker.py", nproc=tp, result_dir=tmp_path, timeout=240)
+    run_torchrun(
+        WORKERS / "preference_parity_worker.py", nproc=tp, result_dir=tmp_path, timeout=240
+    )
     results = read_rank_results(tmp_path, tp)
     assert len(results) == tp
     for rank_result in results:
@@ -62,7 +73,9 @@ def test_kto_reference_point_spans_the_data_parallel_ranks(tmp_path):
 def test_sequence_logprobs_match_a_loop():
     g = torch.Generator().manual_seed(3)
     ce = (torch.rand(3, 7, generator=g) * 4).requires_grad_(True)
-    segment_ids = torch.tensor([[0, 0, 0, 1, 1, 1, -1], [2, 2, 3, 3, 3, -1, -1], [4, 4, 4, 4, 4, 4, 4]])
+    segment_ids = torch.tensor(
+        [[0, 0, 0, 1, 1, 1, -1], [2, 2, 3, 3, 3, -1, -1], [4, 4, 4, 4, 4, 4, 4]]
+    )
     # Row 0's last position is padding with loss_mask 1: it must not count. Sample 5 has no tokens.
     loss_mask = torch.tensor([[0, 1, 1, 0, 1, 1, 1], [0, 1, 0, 1, 1, 0, 1], [0, 0, 1, 1, 1, 1, 1]])
     num_samples = 6
@@ -86,26 +99,41 @@ def test_sequence_logprobs_match_a_loop():
 
 
 @pytest.mark.parametrize("objective", ["dpo", "simpo"])
-@pytest.mark.parametrize("roles", [[CHOSEN, CHOSEN, REJECTED, REJECTED], [REJECTED, CHOSEN],
-                                   [CHOSEN, REJECTED, CHOSEN], [CHOSEN, KL_SAMPLE]])
+@pytest.mark.parametrize(
+    "roles",
+    [
+        [CHOSEN, CHOSEN, REJECTED, REJECTED],
+        [REJECTED, CHOSEN],
+        [CHOSEN, REJECTED, CHOSEN],
+        [CHOSEN, KL_SAMPLE],
+    ],
+)
 def test_paired_objectives_reject_roles_that_are_not_chosen_rejected_pairs(objective, roles):
     n = len(roles)
     ce = torch.rand(n, 4)
     segment_ids = torch.arange(n).unsqueeze(-1).expand(n, 4).contiguous()
     with pytest.raises(ValueError, match="pairs"):
-        compute_preference_loss(ce, torch.ones(n, 4), segment_ids, torch.tensor(roles),
-                                torch.zeros(n), objective)
+        compute_preference_loss(
+            ce, torch.ones(n, 4), segment_ids, torch.tensor(roles), torch.zeros(n), objective
+        )
 
 
-@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_the_reference_objectives_are_dpo_and_kto():
+    assert set(REFERENCE_OBJECTIVES) == {"dpo", "kto"}
+    assert not get_objective("simpo").reference
+
+
+@pytest.mark.parametrize("objective", REFERENCE_OBJECTIVES)
 def test_reference_objectives_need_reference_logprobs(objective):
     ce, segment_ids = torch.rand(2, 4), torch.tensor([[0] * 4, [1] * 4])
-    with pytest.raises(ValueError, match="reference"):
-        compute_preference_loss(ce, torch.ones(2, 4), segment_ids, torch.tensor([CHOSEN, REJECTED]),
-                                None, objective)
+    with pytest.raises(ValueError, match=f"(?i){objective} needs the reference model's log-probs"):
+        compute_preference_loss(
+            ce, torch.ones(2, 4), segment_ids, torch.tensor([CHOSEN, REJECTED]), None, objective
+        )
     # simpo is reference-free: None is fine there.
-    loss_sum, units, _ = compute_preference_loss(ce, torch.ones(2, 4), segment_ids,
-                                                 torch.tensor([CHOSEN, REJECTED]), None, "simpo")
+    loss_sum, units, _ = compute_preference_loss(
+        ce, torch.ones(2, 4), segment_ids, torch.tensor([CHOSEN, REJECTED]), None, "simpo"
+    )
     assert torch.isfinite(loss_sum) and int(units) == 1
 
 
@@ -122,18 +150,33 @@ def test_kto_without_kl_samples_uses_z_zero():
         true_lp = torch.stack(sample_logprobs(logits, labels, samples))
     # Every ratio lp - ref is positive (mean 1.5): a z taken from non-KL samples would not be 0.
     ref_logprobs = true_lp - torch.tensor([1.0, 2.0, 0.5, 2.5], dtype=torch.float64)
-    settings = PreferenceSettings(beta=0.7, desirable_weight=1.2, undesirable_weight=0.9)
+    settings = LossSettings(beta=0.7, desirable_weight=1.2, undesirable_weight=0.9)
 
     ref_logits = logits.clone().requires_grad_(True)
-    ref, info = reference_preference_loss(ref_logits, labels, samples, roles, ref_logprobs, "kto",
-                                          beta=0.7, desirable_weight=1.2, undesirable_weight=0.9)
+    ref, info = reference_preference_loss(
+        ref_logits,
+        labels,
+        samples,
+        roles,
+        ref_logprobs,
+        "kto",
+        beta=0.7,
+        desirable_weight=1.2,
+        undesirable_weight=0.9,
+    )
     ref.backward()
     assert info["z"] == 0.0 and info["units"] == 4
 
     policy_logits = logits.float().clone().requires_grad_(True)
     loss_sum, units, metrics = compute_preference_loss(
-        _ce(policy_logits, labels), loss_mask, segment_ids, torch.tensor(roles), ref_logprobs, "kto",
-        settings)
+        _ce(policy_logits, labels),
+        loss_mask,
+        segment_ids,
+        torch.tensor(roles),
+        ref_logprobs,
+        "kto",
+        settings,
+    )
     loss = loss_sum / units
     loss.backward()
     assert int(units) == 4
@@ -155,10 +198,16 @@ def test_preference_losses_finite_at_extreme_logits(objective):
     segment_ids = torch.arange(b).unsqueeze(-1).expand(b, s).contiguous()
     roles = {"kto": [CHOSEN, REJECTED, KL_SAMPLE, REJECTED]}.get(objective, [CHOSEN, REJECTED] * 2)
     ref_logprobs = torch.tensor([0.0, -5e4, -3e4, 0.0])  # ratios of +-5e4 magnitude
-    settings = PreferenceSettings(beta=2.0 if objective == "simpo" else 0.1)
+    settings = LossSettings(beta=2.0 if objective == "simpo" else 0.1)
     loss_sum, units, metrics = compute_preference_loss(
-        _ce(logits, labels), torch.ones(b, s), segment_ids, torch.tensor(roles), ref_logprobs,
-        objective, settings)
+        _ce(logits, labels),
+        torch.ones(b, s),
+        segment_ids,
+        torch.tensor(roles),
+        ref_logprobs,
+        objective,
+        settings,
+    )
     (loss_sum / units).backward()
     assert torch.isfinite(loss_sum)
     assert torch.isfinite(logits.grad).all()
@@ -179,8 +228,9 @@ def test_dpo_at_policy_equal_reference_is_log2_per_pair():
     roles = torch.tensor([CHOSEN, REJECTED, CHOSEN, REJECTED])
     ref_logprobs = sequence_logprobs(ce, loss_mask, segment_ids, 4)[0].detach()
     beta = 0.25
-    loss_sum, units, metrics = compute_preference_loss(ce, loss_mask, segment_ids, roles,
-                                                       ref_logprobs, "dpo", PreferenceSettings(beta=beta))
+    loss_sum, units, metrics = compute_preference_loss(
+        ce, loss_mask, segment_ids, roles, ref_logprobs, "dpo", LossSettings(beta=beta)
+    )
     assert int(units) == 2
     assert loss_sum.item() == pytest.approx(2 * math.log(2), rel=1e-7, abs=0)
     assert metrics["reward_margin"].tolist() == [0.0, 2.0]

@@ -40,10 +40,25 @@ def work(tmp_path_factory):
 
 
 def _compute(prefix, assets, output, nproc=1, extra=()):
-    return run_torchrun(TOOL, ["--load", assets["release"], "--data-path", prefix,
-                               "--output", str(output), "--seq-length", "32",
-                               "--micro-batch-size", "3", "--no-progress", *extra],
-                        nproc=nproc, timeout=240)
+    return run_torchrun(
+        TOOL,
+        [
+            "--load",
+            assets["release"],
+            "--data-path",
+            prefix,
+            "--output",
+            str(output),
+            "--seq-length",
+            "32",
+            "--micro-batch-size",
+            "3",
+            "--no-progress",
+            *extra,
+        ],
+        nproc=nproc,
+        timeout=240,
+    )
 
 
 def _hf_logprobs(hf_dir, samples) -> np.ndarray:
@@ -57,7 +72,7 @@ def _hf_logprobs(hf_dir, samples) -> np.ndarray:
             tokens = torch.tensor(np.asarray(sample["tokens"], dtype=np.int64))[None]
             logp = torch.log_softmax(model(tokens).logits[0, :-1].double(), -1)
             picked = logp.gather(-1, tokens[0, 1:, None])[:, 0]
-            out.append(float(picked[sample["response_start"] - 1:].sum()))
+            out.append(float(picked[sample["response_start"] - 1 :].sum()))
     return np.array(out)
 
 
@@ -70,9 +85,20 @@ def reference_tp1(assets, work):
 
 def test_reference_logprobs_match_the_hf_model_at_tp1_tp2_and_dp2(assets, work, reference_tp1):
     hf = work / "hf"
-    subprocess.run([sys.executable, str(REPO / "tools/convert_megatron_to_hf.py"),
-                    "--megatron-path", assets["release"], "--output", str(hf)],
-                   check=True, capture_output=True, cwd=str(REPO), timeout=240)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools/convert_megatron_to_hf.py"),
+            "--megatron-path",
+            assets["release"],
+            "--output",
+            str(hf),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=str(REPO),
+        timeout=240,
+    )
     ds = RewardDataset(assets["pairs"])
     rows = np.load(f"{reference_tp1}.npy")
     info = json.loads(open(f"{reference_tp1}.json").read())
@@ -97,10 +123,29 @@ def test_reference_logprobs_match_the_hf_model_at_tp1_tp2_and_dp2(assets, work, 
 
 def _train(run_dir, assets, objective, nproc=1, data=None, extra=()):
     metrics = run_dir / "metrics.jsonl"
-    args = ["--data-path", data or assets["pairs"], "--pretrained-checkpoint", assets["release"],
-            "--objective", objective, "--seq-length", "32", "--micro-batch-size", "2",
-            "--global-batch-size", "8", "--train-iters", str(STEPS), "--lr", "1e-3",
-            "--seed", "3", "--log-file", str(metrics), *extra]
+    args = [
+        "--data-path",
+        data or assets["pairs"],
+        "--pretrained-checkpoint",
+        assets["release"],
+        "--objective",
+        objective,
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        str(STEPS),
+        "--lr",
+        "1e-3",
+        "--seed",
+        "3",
+        "--log-file",
+        str(metrics),
+        *extra,
+    ]
     run_trainer(run_dir, nproc, args)
     return read_metrics(metrics)
 
@@ -114,10 +159,12 @@ def test_precomputed_and_online_references_train_identically(assets, work, objec
     data = assets["pairs"] if objective == "dpo" else assets["data"]
     ref = work / f"ref_{objective}"
     _compute(data, assets, ref)
-    pre = _train(work / f"{objective}_pre", assets, objective, data=data,
-                 extra=["--ref-logprobs", str(ref)])
-    online = _train(work / f"{objective}_online", assets, objective, data=data,
-                    extra=["--reference", "online"])
+    pre = _train(
+        work / f"{objective}_pre", assets, objective, data=data, extra=["--ref-logprobs", str(ref)]
+    )
+    online = _train(
+        work / f"{objective}_online", assets, objective, data=data, extra=["--reference", "online"]
+    )
     # Step 1: policy == reference, so DPO's loss is log 2 and KTO's 0.5 (z = 0); later steps
     # depend on the reference values, which must agree too.
     first = {"dpo": np.log(2), "kto": 0.5}[objective]
@@ -134,8 +181,13 @@ def test_precomputed_and_online_references_train_identically(assets, work, objec
 def test_tensor_parallel_matches_single_process(assets, work, reference_tp1, objective):
     extra = ["--ref-logprobs", str(reference_tp1)]
     one = _train(work / f"{objective}_tp1", assets, objective, extra=extra)
-    two = _train(work / f"{objective}_tp2", assets, objective, nproc=2,
-                 extra=[*extra, "--tensor-model-parallel-size", "2"])
+    two = _train(
+        work / f"{objective}_tp2",
+        assets,
+        objective,
+        nproc=2,
+        extra=[*extra, "--tensor-model-parallel-size", "2"],
+    )
     np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5, atol=0)
     assert one[1]["loss_tokens"] == 8  # the count is pairs (global batch), not tokens
 
@@ -143,10 +195,27 @@ def test_tensor_parallel_matches_single_process(assets, work, reference_tp1, obj
 def test_reference_of_another_dataset_stops_every_rank(assets, work, reference_tp1):
     # Reference log-probs of the pairs dataset offered for the rollout dataset.
     procs = start_ranks_without_launcher(
-        work / "wrong_ref", 2,
-        ["--data-path", assets["data"], "--pretrained-checkpoint", assets["release"],
-         "--objective", "kto", "--ref-logprobs", str(reference_tp1), "--seq-length", "32",
-         "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "1"])
+        work / "wrong_ref",
+        2,
+        [
+            "--data-path",
+            assets["data"],
+            "--pretrained-checkpoint",
+            assets["release"],
+            "--objective",
+            "kto",
+            "--ref-logprobs",
+            str(reference_tp1),
+            "--seq-length",
+            "32",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "8",
+            "--train-iters",
+            "1",
+        ],
+    )
     for code, output in wait_ranks(procs, work / "wrong_ref"):
         assert code == 2, output[-3000:]
         assert "computed for another dataset" in output

@@ -23,9 +23,9 @@ def _parser_main(relative: str):
 
 
 def _trainer_parse(argv):
-    from megatron_rift.training.arguments import parse_args
+    from megatron_rift.training.arguments import parse_train_config
 
-    return parse_args(argv)
+    return parse_train_config(argv)
 
 
 PARSERS = {
@@ -41,8 +41,11 @@ def _commands(script: Path) -> list[str]:
     """Logical lines (continuations joined) with ${VAR...} / $VAR replaced by a placeholder ("8")."""
     text = script.read_text().replace("\\\n", " ")
     text = re.sub(r"\$\{[^}]*\}|\$[A-Za-z_]+", "8", text)  # numeric: fits int flags and paths
-    return [line.strip() for line in text.splitlines()
-            if line.strip() and not line.strip().startswith("#")]
+    return [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
 
 
 @pytest.mark.parametrize("script", RECIPES, ids=lambda p: p.name)

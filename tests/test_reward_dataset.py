@@ -20,8 +20,11 @@ def packed(tmp_path_factory):
     for name, records in (("full", HAND_MADE_ROLLOUTS), ("short", HAND_MADE_ROLLOUTS[:5])):
         data = write_jsonl(root / f"{name}.jsonl", records)
         prefixes[name] = str(root / name)
-        pack_rollouts(PackConfig(inputs=[str(data)], output_prefix=prefixes[name],
-                                 tokenizer=str(sp), progress=False))
+        pack_rollouts(
+            PackConfig(
+                inputs=[str(data)], output_prefix=prefixes[name], tokenizer=str(sp), progress=False
+            )
+        )
     return {"root": root, "sp": sp, **prefixes}
 
 

@@ -4,35 +4,47 @@ import concurrent.futures
 
 import pytest
 
-from megatron_rift.rewards import (Verifier, available_verifiers, extract_final_answer, get_verifier,
-                                   last_boxed_content, register_verifier)
+from megatron_rift.rewards import (
+    Verifier,
+    available_verifiers,
+    extract_final_answer,
+    get_verifier,
+    last_boxed_content,
+    register_verifier,
+)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("so \\boxed{42}", "42"),
-    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # nested braces
-    ("\\boxed{\\frac{\\sqrt{2}}{\\{a\\}}} end", "\\frac{\\sqrt{2}}{\\{a\\}}"),
-    ("first \\boxed{3}, then \\boxed{4}", "4"),  # multiple boxes: the last one
-    ("\\boxed {7}", "7"),
-    ("\\fbox{8} and \\boxed{9}", "9"),
-    ("\\boxed{9} and \\fbox{8}", "8"),
-    ("\\boxed{5} and then \\boxed{6", "5"),  # an unclosed (truncated) last box: the earlier one
-    ("no box here 12", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so \\boxed{42}", "42"),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # nested braces
+        ("\\boxed{\\frac{\\sqrt{2}}{\\{a\\}}} end", "\\frac{\\sqrt{2}}{\\{a\\}}"),
+        ("first \\boxed{3}, then \\boxed{4}", "4"),  # multiple boxes: the last one
+        ("\\boxed {7}", "7"),
+        ("\\fbox{8} and \\boxed{9}", "9"),
+        ("\\boxed{9} and \\fbox{8}", "8"),
+        ("\\boxed{5} and then \\boxed{6", "5"),  # an unclosed (truncated) last box: the earlier one
+        ("no box here 12", None),
+    ],
+)
 def test_last_boxed_content(text, expected):
     assert last_boxed_content(text) == expected
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("37+48=85. 85-19=66. \\boxed{66}", "66"),
-    ("37+48=85. 85-19=66.", "66"),  # missing box: the last number
-    ("the total is 1,000 apples", "1,000"),
-    ("it drops to -3", "-3"),
-    ("about 2.50 dollars", "2.50"),
-    ("no answer at all", None),
-    ("\\boxed{}", None),  # an empty box is no answer, and the fallback finds no number
-    ("\\boxed{ 12 }", "12"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("37+48=85. 85-19=66. \\boxed{66}", "66"),
+        ("37+48=85. 85-19=66.", "66"),  # missing box: the last number
+        ("the total is 1,000 apples", "1,000"),
+        ("it drops to -3", "-3"),
+        ("about 2.50 dollars", "2.50"),
+        ("no answer at all", None),
+        ("\\boxed{}", None),  # an empty box is no answer, and the fallback finds no number
+        ("\\boxed{ 12 }", "12"),
+    ],
+)
 def test_extract_final_answer(text, expected):
     assert extract_final_answer(text) == expected
 
@@ -58,29 +70,35 @@ def test_math_verifier(response, reference, reward):
     assert get_verifier("math").verify(response, reference) == reward
 
 
-@pytest.mark.parametrize("response, reference, reward", [
-    ("\\boxed{Yes}", "yes", 1.0),
-    ("\\boxed{ \\text{ north  pole } }", "North Pole", 1.0),
-    ("\\boxed{$42$}", "42", 1.0),
-    ("\\boxed{42.}", "42", 1.0),
-    ("\\boxed{1,000}", "1000", 0.0),  # exact: separators matter
-    ("\\boxed{\\frac{1}{2}}", "0.5", 0.0),
-    ("nothing", "nothing", 0.0),  # no box and no number: no answer
-])
+@pytest.mark.parametrize(
+    "response, reference, reward",
+    [
+        ("\\boxed{Yes}", "yes", 1.0),
+        ("\\boxed{ \\text{ north  pole } }", "North Pole", 1.0),
+        ("\\boxed{$42$}", "42", 1.0),
+        ("\\boxed{42.}", "42", 1.0),
+        ("\\boxed{1,000}", "1000", 0.0),  # exact: separators matter
+        ("\\boxed{\\frac{1}{2}}", "0.5", 0.0),
+        ("nothing", "nothing", 0.0),  # no box and no number: no answer
+    ],
+)
 def test_exact_verifier(response, reference, reward):
     assert get_verifier("exact").verify(response, reference) == reward
 
 
-@pytest.mark.parametrize("response, reference, reward", [
-    ("\\boxed{1,000}", "1000", 1.0),
-    ("total 1,000", "1000", 1.0),
-    ("\\boxed{12.0}", "12", 1.0),
-    ("\\boxed{+7}", "7", 1.0),
-    ("\\boxed{-7}", "7", 0.0),
-    ("\\boxed{12.5}", "12", 0.0),
-    ("\\boxed{x}", "12", 0.0),
-    ("no number", "12", 0.0),
-])
+@pytest.mark.parametrize(
+    "response, reference, reward",
+    [
+        ("\\boxed{1,000}", "1000", 1.0),
+        ("total 1,000", "1000", 1.0),
+        ("\\boxed{12.0}", "12", 1.0),
+        ("\\boxed{+7}", "7", 1.0),
+        ("\\boxed{-7}", "7", 0.0),
+        ("\\boxed{12.5}", "12", 0.0),
+        ("\\boxed{x}", "12", 0.0),
+        ("no number", "12", 0.0),
+    ],
+)
 def test_integer_verifier(response, reference, reward):
     assert get_verifier("integer").verify(response, reference) == reward
 
@@ -131,6 +149,7 @@ def test_math_verifier_in_worker_processes():
     import multiprocessing
 
     with concurrent.futures.ProcessPoolExecutor(
-            max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        max_workers=2, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
         rewards = list(pool.map(_verify_in_process, MATH_CASES[:4]))
     assert rewards == [reward for _, _, reward in MATH_CASES[:4]]

@@ -29,8 +29,11 @@ def _fp8_unavailable_reason():
 
 
 REASON = _fp8_unavailable_reason()
-pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900),
-              pytest.mark.skipif(REASON is not None, reason=str(REASON))]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.timeout(900),
+    pytest.mark.skipif(REASON is not None, reason=str(REASON)),
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +44,9 @@ def base(tmp_path_factory):
 def test_fp8_hybrid_trains_like_bf16(base):
     assets = prepared_assets(base)
     bf16 = cached_run(base, "gpu_bf16", 1, [*tiny_rift_args(assets), "--bf16"])
-    fp8 = cached_run(base, "gpu_fp8", 1, [*tiny_rift_args(assets), "--bf16",
-                                           "--fp8-format", "hybrid"])
+    fp8 = cached_run(
+        base, "gpu_fp8", 1, [*tiny_rift_args(assets), "--bf16", "--fp8-format", "hybrid"]
+    )
     assert all(math.isfinite(r["loss"]) for r in fp8.values())
     assert fp8[1]["loss"] == pytest.approx(bf16[1]["loss"], rel=0.05)
     assert fp8[max(fp8)]["loss"] < fp8[1]["loss"]
@@ -51,7 +55,8 @@ def test_fp8_hybrid_trains_like_bf16(base):
 def test_te_packed_thd_matches_unpacked(base):
     assets = prepared_assets(base)
     bf16 = cached_run(base, "gpu_bf16", 1, [*tiny_rift_args(assets), "--bf16"])
-    packed = cached_run(base, "gpu_bf16_packed", 1, [*tiny_rift_args(assets), "--bf16",
-                                                     "--sequence-packing"])
+    packed = cached_run(
+        base, "gpu_bf16_packed", 1, [*tiny_rift_args(assets), "--bf16", "--sequence-packing"]
+    )
     for step in bf16:
         assert packed[step]["loss"] == pytest.approx(bf16[step]["loss"], rel=2e-2), step

@@ -49,8 +49,18 @@ def assert_same_losses(actual: dict, expected: dict, steps, rel: float = 1e-5):
 def test_reference_run_logs_every_step_with_the_documented_fields(reference, assets):
     assert sorted(reference) == list(range(1, STEPS + 1))
     for record in reference.values():
-        for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "loss_tokens",
-                    "ce", "p_positive", "p_negative"):
+        for key in (
+            "step",
+            "loss",
+            "lr",
+            "grad_norm",
+            "tokens",
+            "tokens_per_s",
+            "loss_tokens",
+            "ce",
+            "p_positive",
+            "p_negative",
+        ):
             assert key in record, key
         assert record["tokens_per_s"] > 0 and record["grad_norm"] > 0
     # One epoch visits every rollout once: token counts add up to the packer's statistics.
@@ -67,18 +77,34 @@ def test_reference_run_logs_every_step_with_the_documented_fields(reference, ass
 
 
 def test_tensor_parallel_2_matches_single_process(base, assets, reference):
-    tp2 = cached_run(base, "tp2", 2, [*tiny_rift_args(assets), "--tensor-model-parallel-size", "2",
-                                      "--save", str(base / "ckpt_tp2"), "--save-interval", "3"])
+    tp2 = cached_run(
+        base,
+        "tp2",
+        2,
+        [
+            *tiny_rift_args(assets),
+            "--tensor-model-parallel-size",
+            "2",
+            "--save",
+            str(base / "ckpt_tp2"),
+            "--save-interval",
+            "3",
+        ],
+    )
     assert_same_losses(tp2, reference, range(1, STEPS + 1))
 
 
 def test_pipeline_parallel_2_matches_single_process(base, assets, reference):
-    pp2 = cached_run(base, "pp2", 2, [*tiny_rift_args(assets), "--pipeline-model-parallel-size", "2"])
+    pp2 = cached_run(
+        base, "pp2", 2, [*tiny_rift_args(assets), "--pipeline-model-parallel-size", "2"]
+    )
     assert_same_losses(pp2, reference, range(1, STEPS + 1))
 
 
 def test_data_parallel_2_with_distributed_optimizer_matches_single_process(base, assets, reference):
-    dp2 = cached_run(base, "dp2_distopt", 2, [*tiny_rift_args(assets), "--use-distributed-optimizer"])
+    dp2 = cached_run(
+        base, "dp2_distopt", 2, [*tiny_rift_args(assets), "--use-distributed-optimizer"]
+    )
     assert_same_losses(dp2, reference, range(1, STEPS + 1))
     assert all(dp2[s]["tokens"] == reference[s]["tokens"] for s in dp2)
 
@@ -90,12 +116,30 @@ def test_sequence_packing_matches_one_rollout_per_row(base, assets, reference):
 
 
 def test_checkpoint_saved_at_tp2_resumes_at_tp1(base, assets):
-    tp2_args = [*tiny_rift_args(assets), "--tensor-model-parallel-size", "2",
-                "--save", str(base / "ckpt_tp2"), "--save-interval", "3"]
+    tp2_args = [
+        *tiny_rift_args(assets),
+        "--tensor-model-parallel-size",
+        "2",
+        "--save",
+        str(base / "ckpt_tp2"),
+        "--save-interval",
+        "3",
+    ]
     tp2 = cached_run(base, "tp2", 2, tp2_args)
     run_dir = base / "train_runs" / "tp1_from_tp2"
-    run_trainer(run_dir, 1, [*tiny_rift_args(assets), "--load", str(base / "ckpt_tp2"),
-                             "--ckpt-step", "3", "--log-file", str(run_dir / "metrics.jsonl")])
+    run_trainer(
+        run_dir,
+        1,
+        [
+            *tiny_rift_args(assets),
+            "--load",
+            str(base / "ckpt_tp2"),
+            "--ckpt-step",
+            "3",
+            "--log-file",
+            str(run_dir / "metrics.jsonl"),
+        ],
+    )
     resumed = read_metrics(run_dir / "metrics.jsonl")
     assert sorted(resumed) == [4, 5, 6]  # continued after step 3, not from scratch
     assert_same_losses(resumed, tp2, [4, 5, 6])

@@ -1,6 +1,7 @@
 """Crash and resume: a run killed with SIGKILL continues bitwise where its last checkpoint left it.
 
-The kill comes from the trainer's test hook ``MEGATRON_RIFT_TEST_KILL_AT``: ``step:N`` SIGKILLs
+The crashing run is launched through the test-only entry point ``tests.workers.killing_trainer``
+(``run_trainer(..., kill_at=...)``), which wraps the trainer from outside: ``step:N`` SIGKILLs
 global rank 0 right after step N is logged, ``save:N`` while checkpoint N is written (after every
 rank wrote its files, before the folder is published). The resumed run is compared with an
 uninterrupted run of the same flags: losses must be bitwise equal (same layout, same order of
@@ -36,11 +37,13 @@ def assets(base):
 
 
 def crash_then_resume(run_dir, nproc, args, kill_at):
-    """Run with the kill hook (must die), then rerun the same command; return both outputs."""
+    """Run through the killing entry point (must die), then rerun the plain trainer with the
+    same flags; return the metrics before and after and the resumed run's output."""
     metrics = run_dir / "metrics.jsonl"
     full = [*args, "--log-file", str(metrics)]
-    code, crashed = run_trainer(run_dir / "crash", nproc, full,
-                                env={"MEGATRON_RIFT_TEST_KILL_AT": kill_at}, expect_success=False)
+    code, crashed = run_trainer(
+        run_dir / "crash", nproc, full, kill_at=kill_at, expect_success=False
+    )
     assert code != 0, f"the run was supposed to be killed at {kill_at}:\n{crashed[-3000:]}"
     before = read_metrics(metrics)
     _, resumed = run_trainer(run_dir / "resume", nproc, full)
@@ -51,11 +54,23 @@ def test_killed_during_save_resumes_from_previous_checkpoint_bitwise(base, asset
     reference = reference_run(base)
     ckpt = base / "ckpt_killed_in_save"
     run_dir = base / "train_runs" / "killed_in_save"
-    args = [*tiny_rift_args(assets), "--load", str(ckpt), "--save", str(ckpt),
-            "--save-interval", "2"]
+    args = [
+        *tiny_rift_args(assets),
+        "--load",
+        str(ckpt),
+        "--save",
+        str(ckpt),
+        "--save-interval",
+        "2",
+    ]
     metrics = run_dir / "metrics.jsonl"
-    code, crashed = run_trainer(run_dir / "crash", 1, [*args, "--log-file", str(metrics)],
-                                env={"MEGATRON_RIFT_TEST_KILL_AT": "save:4"}, expect_success=False)
+    code, crashed = run_trainer(
+        run_dir / "crash",
+        1,
+        [*args, "--log-file", str(metrics)],
+        kill_at="save:4",
+        expect_success=False,
+    )
     assert code != 0, crashed[-3000:]
     # The interrupted save left only its temporary folder; the tracker still names step 2.
     assert (ckpt / TRACKER_FILE).read_text().strip() == "2"
@@ -81,8 +96,11 @@ def test_killed_after_checkpoint_resumes_bitwise_with_distributed_optimizer(base
     ckpt = base / "ckpt_dp2_killed"
     run_dir = base / "train_runs" / "dp2_killed"
     before, resumed, output = crash_then_resume(
-        run_dir, 2, [*args, "--load", str(ckpt), "--save", str(ckpt), "--save-interval", "3"],
-        kill_at="step:4")
+        run_dir,
+        2,
+        [*args, "--load", str(ckpt), "--save", str(ckpt), "--save-interval", "3"],
+        kill_at="step:4",
+    )
     assert sorted(before) == [1, 2, 3, 4]
     assert "resumed from" in output and "iter_0000003" in output
     assert sorted(resumed) == list(range(1, STEPS + 1))

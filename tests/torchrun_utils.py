@@ -22,23 +22,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(script: str | Path, args: list[str] | None = None, nproc: int = 2,
-                 timeout: float = 300, result_dir: str | Path | None = None,
-                 env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_torchrun(
+    script: str | Path,
+    args: list[str] | None = None,
+    nproc: int = 2,
+    timeout: float = 300,
+    result_dir: str | Path | None = None,
+    env: dict | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Run ``torchrun --nproc_per_node=nproc script args``; raise with the output on failure."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *(args or [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(script),
+        *(args or []),
+    ]
     full_env = dict(os.environ)
-    full_env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                     "PYTHONPATH": str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")})
+    full_env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": str(REPO) + os.pathsep + full_env.get("PYTHONPATH", ""),
+        }
+    )
     if result_dir is not None:
         full_env["RESULT_DIR"] = str(result_dir)
     full_env.update(env or {})
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
-                          cwd=str(REPO))
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=str(REPO)
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"torchrun failed (exit {proc.returncode}):\n"
-                             f"--- stdout ---\n{proc.stdout[-8000:]}\n--- stderr ---\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"torchrun failed (exit {proc.returncode}):\n"
+            f"--- stdout ---\n{proc.stdout[-8000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 

@@ -17,26 +17,42 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--load", required=True,
-                   help="reference checkpoint root (converted or trained) or iteration folder")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--load",
+        required=True,
+        help="reference checkpoint root (converted or trained) or iteration folder",
+    )
     p.add_argument("--data-path", required=True, metavar="PREFIX", help="packed dataset")
-    p.add_argument("--output", default=None, metavar="PATH",
-                   help="output prefix (default: PREFIX.ref_logprobs, where the trainer looks)")
+    p.add_argument(
+        "--output",
+        default=None,
+        metavar="PATH",
+        help="output prefix (default: PREFIX.ref_logprobs, where the trainer looks)",
+    )
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--seq-length", type=int, default=None,
-                   help="tokens per row (default: the longest document, rounded up to 16)")
+    p.add_argument(
+        "--seq-length",
+        type=int,
+        default=None,
+        help="tokens per row (default: the longest document, rounded up to 16)",
+    )
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true")
     precision.add_argument("--fp16", action="store_true")
-    p.add_argument("--transformer-impl", choices=("auto", "transformer_engine", "local"),
-                   default="auto")
-    p.add_argument("--skip-kl-samples", action="store_true",
-                   help="score only the documents (enough for dpo; kto also needs the "
-                        "mismatched samples, which double the work)")
+    p.add_argument(
+        "--transformer-impl", choices=("auto", "transformer_engine", "local"), default="auto"
+    )
+    p.add_argument(
+        "--skip-kl-samples",
+        action="store_true",
+        help="score only the documents (enough for dpo; kto also needs the "
+        "mismatched samples, which double the work)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing reference log-probs")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -48,61 +64,78 @@ def _error(message: str) -> int:
     return 2
 
 
-def trainer_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
-    """The trainer's flags for the same model and layout (its validation and model code)."""
-    from megatron_rift.training.arguments import parse_args as parse_trainer_args
+def _model_fields(args: argparse.Namespace, world_size: int, dataset_vocab: int) -> dict:
+    """The reference model's GPTArchitecture fields, checked against the layout and the data
+    (the trainer's own checks). Raises ConfigError."""
+    from megatron_rift.model_source import (
+        ConfigError,
+        check_architecture,
+        check_parallel,
+        checkpoint_iteration,
+        resolve_architecture,
+    )
 
-    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
-    dp = max(1, world_size // model_parallel) if world_size % model_parallel == 0 else 1
-    argv = ["--data-path", args.data_path, "--pretrained-checkpoint", args.load,
-            "--objective", "sft", "--train-iters", "1", "--micro-batch-size", "1",
-            "--global-batch-size", str(dp),
-            "--tensor-model-parallel-size", str(args.tensor_model_parallel_size),
-            "--pipeline-model-parallel-size", str(args.pipeline_model_parallel_size),
-            "--transformer-impl", args.transformer_impl]
-    argv += ["--seq-length", str(args.seq_length)] if args.seq_length else []
-    argv += ["--bf16"] if args.bf16 else ["--fp16"] if args.fp16 else []
-    return parse_trainer_args(argv)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    check_parallel(tp, pp, world_size)
+    if checkpoint_iteration(args.load) is None:
+        raise ConfigError(
+            f"--load {args.load} has no latest_checkpointed_iteration.txt: not a "
+            "checkpoint root (convert one with tools/convert_hf_to_megatron.py)"
+        )
+    fields, source = resolve_architecture({}, dataset_vocab, args.load)
+    check_architecture(fields, tp, pp, dataset_vocab, source)
+    return fields
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_rift.data.preference import ref_paths
-    from megatron_rift.training.validation import ConfigError, resolve_plan
 
-    args.output = args.output or ref_paths(args.data_path)["npy"][:-len(".npy")]
+    output = args.output or ref_paths(args.data_path)["npy"][: -len(".npy")]
     if args.micro_batch_size < 1:
         return _error("--micro-batch-size must be at least 1")
-    existing = [p for p in (args.output + ".npy", args.output + ".json") if os.path.exists(p)]
+    existing = [p for p in (output + ".npy", output + ".json") if os.path.exists(p)]
     if existing and not args.overwrite:
         return _error(f"{', '.join(existing)} already exist(s); pass --overwrite to replace them")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        targs = trainer_args(args, world_size)
-        plan = resolve_plan(targs, world_size)
-    except ConfigError as err:  # in the trainer's words; --load here is its --pretrained-checkpoint
-        return _error(str(err).replace("--pretrained-checkpoint", "--load"))
-    # The scoring settings (the plan above only needed the model and the layout).
-    for name in ("micro_batch_size", "output", "skip_kl_samples", "no_progress", "load"):
-        setattr(targs, name, getattr(args, name))
+    from megatron_rift.data.dataset import RewardDataset, fit_seq_length
+    from megatron_rift.data.errors import RolloutDataError
+    from megatron_rift.model_source import ConfigError
+
+    try:  # every rank checks the same files before any process group exists
+        dataset = RewardDataset(args.data_path)
+        seq_length = fit_seq_length(dataset, args.seq_length)
+        vocab = int(dataset.info["tokenizer"]["vocab_size"])
+        fields = _model_fields(args, world_size, vocab)
+    except (ConfigError, RolloutDataError) as err:
+        return _error(str(err))
     # Heavy imports only once the configuration is good.
+    from megatron_rift.model import GPTArchitecture
     from megatron_rift.parallel import destroy_distributed, init_distributed
     from megatron_rift.reference import compute_reference_logprobs
-    from megatron_rift.training.data import resolve_seq_length
 
+    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, 1234)
     try:
-        seq_length = resolve_seq_length(targs)
-    except ConfigError as err:
-        return _error(str(err))
-    init_distributed(plan.tensor_parallel, plan.pipeline_parallel, 1234)
-    try:
-        summary = compute_reference_logprobs(targs, plan, seq_length)
+        summary = compute_reference_logprobs(
+            args.data_path,
+            args.load,
+            output,
+            GPTArchitecture(**fields),
+            seq_length,
+            args.micro_batch_size,
+            dtype="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+            transformer_impl=args.transformer_impl,
+            with_kl=not args.skip_kl_samples,
+            progress=not args.no_progress,
+        )
     finally:
         destroy_distributed()
     if summary is not None:
-        print(f"wrote {args.output}.npy and .json: {summary['documents']} documents"
-              f"{' (+ KTO mismatched samples)' if summary['kl_samples'] else ''} in "
-              f"{summary['seconds']} s, mean log-prob per token {summary['mean_logprob_per_token']:.4f}")
+        print(
+            f"wrote {output}.npy and .json: {summary['documents']} documents"
+            f"{' (+ KTO mismatched samples)' if summary['kl_samples'] else ''} in "
+            f"{summary['seconds']} s, mean log-prob per token {summary['mean_logprob_per_token']:.4f}"
+        )
     return 0
 
 

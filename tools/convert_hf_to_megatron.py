@@ -24,8 +24,12 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, help="checkpoint root to create")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument("--target-dtype", choices=["fp32", "bf16"], default=None,
-                   help="stored dtype (default: bf16 if config.json says bfloat16, else fp32)")
+    p.add_argument(
+        "--target-dtype",
+        choices=["fp32", "bf16"],
+        default=None,
+        help="stored dtype (default: bf16 if config.json says bfloat16, else fp32)",
+    )
     add_verify_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     return p.parse_args(argv)
@@ -38,16 +42,23 @@ def main(argv=None) -> int:
 
     try:
         result = convert_hf_to_megatron(
-            args.hf_path, args.output, target_dtype=args.target_dtype,
+            args.hf_path,
+            args.output,
+            target_dtype=args.target_dtype,
             tensor_parallel=args.tensor_model_parallel_size,
             pipeline_parallel=args.pipeline_model_parallel_size,
-            overwrite=args.overwrite, verify=args.verify, verify_dtype=args.verify_dtype,
-            verify_tolerance=args.verify_tolerance)
+            overwrite=args.overwrite,
+            verify=args.verify,
+            verify_dtype=args.verify_dtype,
+            verify_tolerance=args.verify_tolerance,
+        )
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {result.output} ({result.arch.hf_model_type}, {result.arch.num_layers} layers, "
-          f"{str(result.dtype).removeprefix('torch.')})")
+    print(
+        f"wrote {result.output} ({result.arch.hf_model_type}, {result.arch.num_layers} layers, "
+        f"{str(result.dtype).removeprefix('torch.')})"
+    )
     return 0
 
 

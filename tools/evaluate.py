@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Mean@k and Pass@k of scored generations, per benchmark and averaged, as paper-style tables.
 
-    python tools/evaluate.py gen/test.jsonl gen/ood.jsonl --k 8 --method RIFT --output rift.json
-    python tools/evaluate.py gen/all.jsonl --benchmark-field split --k 8
-    python tools/evaluate.py --tables base.json rift.json rft.json   # compare saved results
+python tools/evaluate.py gen/test.jsonl gen/ood.jsonl --k 8 --method RIFT --output rift.json
+python tools/evaluate.py gen/all.jsonl --benchmark-field split --k 8
+python tools/evaluate.py --tables base.json rift.json rft.json   # compare saved results
 """
 
 import argparse
@@ -16,16 +16,32 @@ from megatron_rift.evaluation import RecordError, evaluate_files, markdown_table
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("files", nargs="*", help="generation JSONL files; one benchmark per file "
-                        "(named by the file stem) unless --benchmark-field is given")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "files",
+        nargs="*",
+        help="generation JSONL files; one benchmark per file "
+        "(named by the file stem) unless --benchmark-field is given",
+    )
     parser.add_argument("--k", type=int, default=8, help="k of Mean@k / Pass@k (default 8)")
-    parser.add_argument("--benchmark-field", "--split", dest="benchmark_field", default=None,
-                        help="record field naming each record's benchmark (e.g. split)")
+    parser.add_argument(
+        "--benchmark-field",
+        "--split",
+        dest="benchmark_field",
+        default=None,
+        help="record field naming each record's benchmark (e.g. split)",
+    )
     parser.add_argument("--method", default="model", help="row label in the table (default: model)")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
-    parser.add_argument("--tables", nargs="+", type=Path, metavar="RESULTS_JSON",
-                        help="print one comparison table from results JSON files saved by --output")
+    parser.add_argument(
+        "--tables",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="print one comparison table from results JSON files saved by --output",
+    )
     return parser.parse_args(argv)
 
 

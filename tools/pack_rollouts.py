@@ -18,38 +18,81 @@ SCHEMES = ("constant", "raw", "gaussian", "gpg-mean", "gpg-scaled")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                   help=".jsonl/.ndjson(.gz), .json (array) or .parquet files, read in order")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help=".jsonl/.ndjson(.gz), .json (array) or .parquet files, read in order",
+    )
     p.add_argument("--output-prefix", required=True, metavar="PREFIX")
-    p.add_argument("--tokenizer", required=True,
-                   help="HF tokenizer folder (loaded locally) or SentencePiece .model file")
-    p.add_argument("--chat-template", action="store_true",
-                   help="render the prompt as a user turn with the HF tokenizer's chat template")
-    p.add_argument("--max-seq-length", type=int, default=None,
-                   help="longest rollout (prompt + response + EOS) in tokens; use the trainer's "
-                        "--seq-length")
-    p.add_argument("--overlong", choices=("error", "drop", "truncate"), default="error",
-                   help="what to do with a rollout longer than --max-seq-length")
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        help="HF tokenizer folder (loaded locally) or SentencePiece .model file",
+    )
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="render the prompt as a user turn with the HF tokenizer's chat template",
+    )
+    p.add_argument(
+        "--max-seq-length",
+        type=int,
+        default=None,
+        help="longest rollout (prompt + response + EOS) in tokens; use the trainer's --seq-length",
+    )
+    p.add_argument(
+        "--overlong",
+        choices=("error", "drop", "truncate"),
+        default="error",
+        help="what to do with a rollout longer than --max-seq-length",
+    )
     p.add_argument("--reward-scheme", choices=SCHEMES, default="constant")
     p.add_argument("--positive-reward", type=float, default=1.0, help="constant scheme")
     p.add_argument("--negative-reward", type=float, default=-0.2, help="constant scheme")
-    p.add_argument("--keep", choices=("all", "positive"), default="all",
-                   help="'positive' keeps only positive rollouts (an RFT dataset)")
-    p.add_argument("--pairs", choices=("none", "ground-truth", "given"), default="none",
-                   help="write (chosen, rejected) pairs for dpo/simpo: 'ground-truth' pairs each "
-                        "rollout with its record's solution (the rollout is chosen when correct, "
-                        "paper section 4.1); 'given' reads records with chosen/rejected")
-    for name in ("prompt", "response", "reward", "correct", "prompt-id", "solution", "chosen",
-                 "rejected"):
-        p.add_argument(f"--{name}-key", default=name.replace("-", "_"), metavar="FIELD",
-                       help=f"record field holding the {name.replace('-', ' ')}")
+    p.add_argument(
+        "--keep",
+        choices=("all", "positive"),
+        default="all",
+        help="'positive' keeps only positive rollouts (an RFT dataset)",
+    )
+    p.add_argument(
+        "--pairs",
+        choices=("none", "ground-truth", "given"),
+        default="none",
+        help="write (chosen, rejected) pairs for dpo/simpo: 'ground-truth' pairs each "
+        "rollout with its record's solution (the rollout is chosen when correct, "
+        "paper section 4.1); 'given' reads records with chosen/rejected",
+    )
+    for name in (
+        "prompt",
+        "response",
+        "reward",
+        "correct",
+        "prompt-id",
+        "solution",
+        "chosen",
+        "rejected",
+    ):
+        p.add_argument(
+            f"--{name}-key",
+            default=name.replace("-", "_"),
+            metavar="FIELD",
+            help=f"record field holding the {name.replace('-', ' ')}",
+        )
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--chunk-size", type=int, default=1024, help="rollouts per tokenizer task")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.*")
-    p.add_argument("--seed", type=int, default=0,
-                   help="recorded in PREFIX.json; packing itself is deterministic")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="recorded in PREFIX.json; packing itself is deterministic",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -66,26 +109,54 @@ def main(argv=None) -> int:
     from megatron_rift.data.rollout_reader import RolloutFields
 
     config = PackConfig(
-        inputs=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer,
-        chat_template=args.chat_template, max_seq_length=args.max_seq_length,
-        overlong=args.overlong, reward_scheme=args.reward_scheme,
-        positive_reward=args.positive_reward, negative_reward=args.negative_reward, keep=args.keep,
-        fields=RolloutFields(prompt=args.prompt_key, response=args.response_key,
-                             reward=args.reward_key, correct=args.correct_key,
-                             prompt_id=args.prompt_id_key, solution=args.solution_key,
-                             chosen=args.chosen_key, rejected=args.rejected_key),
+        inputs=args.input,
+        output_prefix=args.output_prefix,
+        tokenizer=args.tokenizer,
+        chat_template=args.chat_template,
+        max_seq_length=args.max_seq_length,
+        overlong=args.overlong,
+        reward_scheme=args.reward_scheme,
+        positive_reward=args.positive_reward,
+        negative_reward=args.negative_reward,
+        keep=args.keep,
+        fields=RolloutFields(
+            prompt=args.prompt_key,
+            response=args.response_key,
+            reward=args.reward_key,
+            correct=args.correct_key,
+            prompt_id=args.prompt_id_key,
+            solution=args.solution_key,
+            chosen=args.chosen_key,
+            rejected=args.rejected_key,
+        ),
         pairs=args.pairs,
-        workers=args.workers, overwrite=args.overwrite, seed=args.seed,
-        chunk_size=args.chunk_size, progress=not args.no_progress,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        seed=args.seed,
+        chunk_size=args.chunk_size,
+        progress=not args.no_progress,
     )
     try:
         summary = pack_rollouts(config)
     except RolloutDataError as exc:
         print(f"pack_rollouts: error: {exc}", file=sys.stderr)
         return 2
-    keys = ("problems", "rollouts", "positive", "negative", "positive_fraction", "mixed_problems",
-            "mixed_fraction", "prompt_tokens", "response_tokens", "total_tokens", "overlong",
-            "overlong_dropped", "overlong_truncated", "removed_by_keep")
+    keys = (
+        "problems",
+        "rollouts",
+        "positive",
+        "negative",
+        "positive_fraction",
+        "mixed_problems",
+        "mixed_fraction",
+        "prompt_tokens",
+        "response_tokens",
+        "total_tokens",
+        "overlong",
+        "overlong_dropped",
+        "overlong_truncated",
+        "removed_by_keep",
+    )
     if args.pairs != "none":
         keys += ("num_pairs", "pairs_dropped")
     print(f"wrote {args.output_prefix}.{{bin,idx,rewards.npy,json}}")

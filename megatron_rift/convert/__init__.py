@@ -9,10 +9,17 @@ The weight-name tables live in :mod:`megatron_rift.convert.tables`, the transfor
 """
 
 from megatron_rift.convert.errors import ConversionError
-from megatron_rift.convert.hf_to_megatron import ConversionResult, convert_hf_to_megatron
+from megatron_rift.convert.hf_to_megatron import convert_hf_to_megatron
 from megatron_rift.convert.megatron_to_hf import convert_megatron_to_hf
+from megatron_rift.convert.result import ConversionResult
 from megatron_rift.convert.tables import TABLES
 from megatron_rift.convert.verify import verify_parity
 
-__all__ = ["TABLES", "ConversionError", "ConversionResult", "convert_hf_to_megatron",
-           "convert_megatron_to_hf", "verify_parity"]
+__all__ = [
+    "TABLES",
+    "ConversionError",
+    "ConversionResult",
+    "convert_hf_to_megatron",
+    "convert_megatron_to_hf",
+    "verify_parity",
+]

@@ -10,8 +10,9 @@ from megatron_rift.model.config import GPTArchitecture
 from megatron_rift.parallel import init_distributed, world_size_from_env
 
 
-def ensure_parallel_state(arch: GPTArchitecture, tensor_parallel: int = 1,
-                          pipeline_parallel: int = 1) -> None:
+def ensure_parallel_state(
+    arch: GPTArchitecture, tensor_parallel: int = 1, pipeline_parallel: int = 1
+) -> None:
     """Initialize torch.distributed and Megatron's parallel state for TP x PP (idempotent).
 
     Raises ConversionError when the model cannot be split that way or the launch does not fit.
@@ -26,13 +27,18 @@ def ensure_parallel_state(arch: GPTArchitecture, tensor_parallel: int = 1,
             f"tensor-model-parallel-size {tensor_parallel} x "
             f"pipeline-model-parallel-size {pipeline_parallel} "
             f"needs a multiple of {tensor_parallel * pipeline_parallel} processes, this launch has {world}: "
-            f"run under torchrun --nproc_per_node={tensor_parallel * pipeline_parallel}")
+            f"run under torchrun --nproc_per_node={tensor_parallel * pipeline_parallel}"
+        )
     if parallel_state.model_parallel_is_initialized():
-        have = (parallel_state.get_tensor_model_parallel_world_size(),
-                parallel_state.get_pipeline_model_parallel_world_size())
+        have = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+        )
         if have != (tensor_parallel, pipeline_parallel):
-            raise ConversionError(f"this process already runs with TP={have[0]}, PP={have[1]}; "
-                                  f"conversion asked for TP={tensor_parallel}, PP={pipeline_parallel}")
+            raise ConversionError(
+                f"this process already runs with TP={have[0]}, PP={have[1]}; "
+                f"conversion asked for TP={tensor_parallel}, PP={pipeline_parallel}"
+            )
         return
     init_distributed(tensor_parallel, pipeline_parallel)
 

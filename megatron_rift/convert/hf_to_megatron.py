@@ -7,7 +7,6 @@ plus one layer, never a second copy of the model, and the HF model is never inst
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import sys
 from collections import defaultdict
@@ -18,39 +17,30 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 from tqdm import tqdm
 
+from megatron_rift.checkpoint_layout import HF_CONFIG_DIR, TOKENIZER_DIR
 from megatron_rift.checkpointing import RELEASE, model_sharded_state_dict, save_checkpoint
 from megatron_rift.convert.distributed import ensure_parallel_state, is_main_rank
+from megatron_rift.convert.dtypes import dtype_from_name
 from megatron_rift.convert.errors import ConversionError
 from megatron_rift.convert.hf_config import read_hf_config
 from megatron_rift.convert.output_dir import check_output_dir, staged_output_dir
+from megatron_rift.convert.result import ConversionResult
 from megatron_rift.convert.safetensors_io import SafetensorsCheckpoint
 from megatron_rift.convert.tables import ArchitectureTable, ResolvedWeight, checkpoint_key
-from megatron_rift.convert.verify import Parity, check_parity, verify_parity
+from megatron_rift.convert.verify import check_parity, verify_parity
 from megatron_rift.model import GPTArchitecture, build_gpt_model, to_transformer_config
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TOKENIZER_DIR = "tokenizer"
-HF_CONFIG_DIR = "hf_config"  # the source config.json / generation_config.json, reused on export
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
-
-
-@dataclasses.dataclass
-class ConversionResult:
-    output: Path
-    arch: GPTArchitecture
-    dtype: torch.dtype  # of the written weights
-    parity: Parity | None = None  # set by verify
-
-    @property
-    def max_abs_logit_diff(self) -> float | None:
-        return None if self.parity is None else self.parity.max_abs_logit_diff
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConversionError(f"dtype {name!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def target_dtype_for(name: str | None, hf_config: dict) -> torch.dtype:
@@ -61,23 +51,32 @@ def target_dtype_for(name: str | None, hf_config: dict) -> torch.dtype:
     return dtype_from_name(name)
 
 
-def check_hf_weights(checkpoint: SafetensorsCheckpoint, rows: list[ResolvedWeight], table: ArchitectureTable,
-                     arch: GPTArchitecture) -> None:
+def check_hf_weights(
+    checkpoint: SafetensorsCheckpoint,
+    rows: list[ResolvedWeight],
+    table: ArchitectureTable,
+    arch: GPTArchitecture,
+) -> None:
     """Every weight the table needs is present and nothing unexplained is left over."""
     expected = {name for row in rows for name in row.hf}
     present = set(checkpoint.names)
     missing = sorted(expected - present)
-    extra = sorted(n for n in present - expected if not table.is_ignored(n)
-                   and not (arch.tie_word_embeddings and n == "lm_head.weight"))  # some tied exports keep it
+    extra = sorted(
+        n
+        for n in present - expected
+        if not table.is_ignored(n) and not (arch.tie_word_embeddings and n == "lm_head.weight")
+    )  # some tied exports keep it
     problems = []
     if missing:
         problems.append(f"missing weights ({len(missing)}): {', '.join(missing)}")
     if extra:
         problems.append(f"unexpected weights ({len(extra)}): {', '.join(extra)}")
     if problems:
-        raise ConversionError(f"{checkpoint.folder}: the safetensors do not match config.json "
-                              f"(model_type {table.model_type!r}, {arch.num_layers} layers, "
-                              f"tie_word_embeddings={arch.tie_word_embeddings}): " + "; ".join(problems))
+        raise ConversionError(
+            f"{checkpoint.folder}: the safetensors do not match config.json "
+            f"(model_type {table.model_type!r}, {arch.num_layers} layers, "
+            f"tie_word_embeddings={arch.tie_word_embeddings}): " + "; ".join(problems)
+        )
 
 
 def _local_shards(model) -> list[ShardedTensor]:
@@ -87,8 +86,13 @@ def _local_shards(model) -> list[ShardedTensor]:
     return [v for v in nested_values(sharded) if isinstance(v, ShardedTensor)]
 
 
-def fill_model_from_hf(model, checkpoint: SafetensorsCheckpoint, table: ArchitectureTable,
-                       arch: GPTArchitecture, progress: bool = True) -> int:
+def fill_model_from_hf(
+    model,
+    checkpoint: SafetensorsCheckpoint,
+    table: ArchitectureTable,
+    arch: GPTArchitecture,
+    progress: bool = True,
+) -> int:
     """Copy every HF weight into the slice of the Megatron parameter this rank holds.
 
     Returns the number of parameter slices written. Works for any TP/PP: a slice's place in the full
@@ -100,12 +104,16 @@ def fill_model_from_hf(model, checkpoint: SafetensorsCheckpoint, table: Architec
         by_layer[shard.global_offset[0] if shard.prepend_axis_num else None].append(shard)
     order = sorted(by_layer, key=lambda layer: -1 if layer is None else layer)
     written, storages = 0, set()
-    for layer in tqdm(order, desc="HF -> Megatron", unit="group", disable=not (progress and is_main_rank())):
+    for layer in tqdm(
+        order, desc="HF -> Megatron", unit="group", disable=not (progress and is_main_rank())
+    ):
         shards = by_layer[layer]
         for shard in shards:
             if (shard.key, layer) not in rows:
-                raise ConversionError(f"Megatron parameter {shard.key} (layer {layer}) has no row in the "
-                                      f"{table.model_type!r} conversion table")
+                raise ConversionError(
+                    f"Megatron parameter {shard.key} (layer {layer}) has no row in the "
+                    f"{table.model_type!r} conversion table"
+                )
         needed = {name for shard in shards for name in rows[(shard.key, layer)].hf}
         hf_tensors = checkpoint.read(sorted(needed))
         full_cache: dict[str, torch.Tensor] = {}  # fc1's two halves come from one full tensor
@@ -114,22 +122,27 @@ def fill_model_from_hf(model, checkpoint: SafetensorsCheckpoint, table: Architec
             if row.megatron not in full_cache:
                 full_cache[row.megatron] = _full_megatron_tensor(row, hf_tensors, arch, shard)
             full = full_cache[row.megatron]
-            index = tuple(slice(o, o + n) for o, n in zip(shard.global_offset[shard.prepend_axis_num:],
-                                                            shard.local_shape))
+            index = tuple(
+                slice(o, o + n)
+                for o, n in zip(shard.global_offset[shard.prepend_axis_num :], shard.local_shape)
+            )
             shard.data.copy_(full[index])
             storages.add(shard.data.untyped_storage().data_ptr())
             written += 1
         del hf_tensors, full_cache
     # The model was built uninitialized: a parameter outside the sharded state dict would be garbage.
-    unfilled = [n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() not in storages]
+    unfilled = [
+        n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() not in storages
+    ]
     if unfilled:
         raise RuntimeError(f"parameters not written by the conversion: {unfilled}")
     return written
 
 
-def _full_megatron_tensor(row: ResolvedWeight, hf_tensors: dict, arch: GPTArchitecture,
-                          shard: ShardedTensor) -> torch.Tensor:
-    expected = tuple(shard.global_shape[shard.prepend_axis_num:])
+def _full_megatron_tensor(
+    row: ResolvedWeight, hf_tensors: dict, arch: GPTArchitecture, shard: ShardedTensor
+) -> torch.Tensor:
+    expected = tuple(shard.global_shape[shard.prepend_axis_num :])
     sources = [hf_tensors[name] for name in row.hf]
     try:
         full = row.transform.to_megatron(sources, arch, expected)
@@ -139,15 +152,24 @@ def _full_megatron_tensor(row: ResolvedWeight, hf_tensors: dict, arch: GPTArchit
         reason = f"gives shape {tuple(full.shape)}"
     if full is None or tuple(full.shape) != expected:
         shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(row.hf, sources))
-        raise ConversionError(f"{shapes} do not fit Megatron's {row.megatron} of shape {expected} "
-                              f"({row.transform.name}: {reason}); config.json and the weights disagree")
+        raise ConversionError(
+            f"{shapes} do not fit Megatron's {row.megatron} of shape {expected} "
+            f"({row.transform.name}: {reason}); config.json and the weights disagree"
+        )
     return full
 
 
-def convert_hf_to_megatron(hf_path: str | Path, output: str | Path, target_dtype: str | None = None,
-                           tensor_parallel: int = 1, pipeline_parallel: int = 1, overwrite: bool = False,
-                           verify: bool = False, verify_dtype: str = "fp32",
-                           verify_tolerance: float | None = None) -> ConversionResult:
+def convert_hf_to_megatron(
+    hf_path: str | Path,
+    output: str | Path,
+    target_dtype: str | None = None,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    overwrite: bool = False,
+    verify: bool = False,
+    verify_dtype: str = "fp32",
+    verify_tolerance: float | None = None,
+) -> ConversionResult:
     """Convert the HF model folder ``hf_path`` into a Megatron checkpoint root at ``output``.
 
     Collective when launched under torchrun: each of the TP x PP ranks fills its own shard.
@@ -164,9 +186,14 @@ def convert_hf_to_megatron(hf_path: str | Path, output: str | Path, target_dtype
     ensure_parallel_state(arch, tensor_parallel, pipeline_parallel)
     result = ConversionResult(Path(output).resolve(), arch, dtype)
     with staged_output_dir(output, overwrite) as tmp:
-        config = to_transformer_config(arch, dtype, tensor_model_parallel_size=tensor_parallel,
-                                       pipeline_model_parallel_size=pipeline_parallel,
-                                       perform_initialization=False)  # every value is overwritten
+        # Every value is overwritten from the HF weights: no random initialization.
+        config = to_transformer_config(
+            arch,
+            dtype,
+            loads_weights=True,
+            tensor_model_parallel_size=tensor_parallel,
+            pipeline_model_parallel_size=pipeline_parallel,
+        )
         model = build_gpt_model(arch, config)
         with torch.no_grad():
             fill_model_from_hf(model, checkpoint, table, arch)
@@ -175,12 +202,16 @@ def convert_hf_to_megatron(hf_path: str | Path, output: str | Path, target_dtype
         if is_main_rank():
             arch.save(tmp)
             if not _copy_files(hf_path, tmp / TOKENIZER_DIR, TOKENIZER_FILES):
-                print(f"note: no tokenizer files in {hf_path}; the checkpoint gets no "
-                      f"{TOKENIZER_DIR}/ folder", file=sys.stderr)
+                print(
+                    f"note: no tokenizer files in {hf_path}; the checkpoint gets no "
+                    f"{TOKENIZER_DIR}/ folder",
+                    file=sys.stderr,
+                )
             _copy_files(hf_path, tmp / HF_CONFIG_DIR, ("config.json", "generation_config.json"))
         if verify:
-            result.parity = verify_parity(tmp, hf_path, arch, dtype_from_name(verify_dtype),
-                                          stored_dtype=dtype)
+            result.parity = verify_parity(
+                tmp, hf_path, arch, dtype_from_name(verify_dtype), stored_dtype=dtype
+            )
             check_parity(result.parity, verify_tolerance)
     return result
 

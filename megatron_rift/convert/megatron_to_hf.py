@@ -17,16 +17,21 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from tqdm import tqdm
 
+from megatron_rift.checkpoint_layout import HF_CONFIG_DIR, TOKENIZER_DIR
 from megatron_rift.checkpointing import TRACKER_FILE, latest_checkpoint_dir
 from megatron_rift.convert.distributed import ensure_parallel_state, is_main_rank
+from megatron_rift.convert.dtypes import dtype_from_name
 from megatron_rift.convert.errors import ConversionError
 from megatron_rift.convert.hf_config import hf_config_from_architecture
-from megatron_rift.convert.hf_to_megatron import (HF_CONFIG_DIR, TOKENIZER_DIR, ConversionResult,
-                                                  dtype_from_name)
 from megatron_rift.convert.output_dir import check_output_dir, staged_output_dir
+from megatron_rift.convert.result import ConversionResult
 from megatron_rift.convert.safetensors_io import ShardedSafetensorsWriter
-from megatron_rift.convert.tables import (ResolvedWeight, checkpoint_key, module_param_name,
-                                         table_for_architecture)
+from megatron_rift.convert.tables import (
+    ResolvedWeight,
+    checkpoint_key,
+    module_param_name,
+    table_for_architecture,
+)
 from megatron_rift.convert.verify import check_parity, verify_parity
 from megatron_rift.model import GPTArchitecture
 from megatron_rift.parallel import ensure_process_group
@@ -42,8 +47,10 @@ def resolve_megatron_checkpoint(path: str | Path) -> tuple[Path, Path]:
     elif (path / ".metadata").is_file():
         root, folder = path.parent, path
     else:
-        raise ConversionError(f"{path} is not a Megatron checkpoint: expected a root with {TRACKER_FILE} "
-                              "or an iteration folder (release/, iter_XXXXXXX/) with .metadata")
+        raise ConversionError(
+            f"{path} is not a Megatron checkpoint: expected a root with {TRACKER_FILE} "
+            "or an iteration folder (release/, iter_XXXXXXX/) with .metadata"
+        )
     return root, folder
 
 
@@ -52,7 +59,9 @@ class DistCheckpointReader:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.metadata: dict[str, ShardedTensor] = dist_checkpointing.load_tensors_metadata(str(folder))
+        self.metadata: dict[str, ShardedTensor] = dist_checkpointing.load_tensors_metadata(
+            str(folder)
+        )
 
     def stored(self, megatron_name: str) -> ShardedTensor | None:
         return self.metadata.get(checkpoint_key(megatron_name)[0])
@@ -68,17 +77,24 @@ class DistCheckpointReader:
                 request[name] = ShardedTensor.from_rank_offsets(key, data)
             else:  # row `layer` of the stacked layers, asked for as a [1, ...] slice of the stack
                 data = torch.empty((1, *meta.global_shape[1:]), dtype=meta.dtype)
-                request[name] = ShardedTensor.from_rank_offsets(key, data, (0, layer, meta.global_shape[0]))
+                request[name] = ShardedTensor.from_rank_offsets(
+                    key, data, (0, layer, meta.global_shape[0])
+                )
         # A subset of the layers is requested on purpose: skip the check that every shard is read.
         loaded = dist_checkpointing.load(request, str(self.folder), validate_access_integrity=False)
-        return {name: t[0] if checkpoint_key(name)[1] is not None else t for name, t in loaded.items()}
+        return {
+            name: t[0] if checkpoint_key(name)[1] is not None else t for name, t in loaded.items()
+        }
 
 
-def check_megatron_weights(reader: DistCheckpointReader, rows: list[ResolvedWeight],
-                           arch: GPTArchitecture) -> None:
+def check_megatron_weights(
+    reader: DistCheckpointReader, rows: list[ResolvedWeight], arch: GPTArchitecture
+) -> None:
     """Every weight the table needs is stored, with the layer count and vocabulary model_config.json says."""
     problems = []
-    missing = sorted({checkpoint_key(r.megatron)[0] for r in rows if reader.stored(r.megatron) is None})
+    missing = sorted(
+        {checkpoint_key(r.megatron)[0] for r in rows if reader.stored(r.megatron) is None}
+    )
     if missing:
         problems.append(f"missing weights: {', '.join(missing)}")
     for row in rows:
@@ -86,14 +102,19 @@ def check_megatron_weights(reader: DistCheckpointReader, rows: list[ResolvedWeig
         if meta is None:
             continue
         if row.layer is not None and meta.global_shape[0] != arch.num_layers and row.layer == 0:
-            problems.append(f"{meta.key} has {meta.global_shape[0]} layers, "
-                            f"model_config.json says {arch.num_layers}")
+            problems.append(
+                f"{meta.key} has {meta.global_shape[0]} layers, "
+                f"model_config.json says {arch.num_layers}"
+            )
         if row.transform.name == "vocab" and meta.global_shape[0] < arch.vocab_size:
-            problems.append(f"{meta.key} has {meta.global_shape[0]} rows, "
-                            f"fewer than vocab_size={arch.vocab_size}")
+            problems.append(
+                f"{meta.key} has {meta.global_shape[0]} rows, "
+                f"fewer than vocab_size={arch.vocab_size}"
+            )
     if problems:
-        raise ConversionError(f"{reader.folder}: checkpoint does not match model_config.json: "
-                              + "; ".join(problems))
+        raise ConversionError(
+            f"{reader.folder}: checkpoint does not match model_config.json: " + "; ".join(problems)
+        )
 
 
 def _row_groups(rows: list[ResolvedWeight]) -> list[list[ResolvedWeight]]:
@@ -107,11 +128,17 @@ def _row_groups(rows: list[ResolvedWeight]) -> list[list[ResolvedWeight]]:
     return groups
 
 
-def convert_megatron_to_hf(megatron_path: str | Path, output: str | Path, target_dtype: str | None = None,
-                           overwrite: bool = False, verify: bool = False, verify_dtype: str = "fp32",
-                           verify_tolerance: float | None = None,
-                           max_shard_bytes: int = 5 * 2**30,
-                           show_progress: bool = True) -> ConversionResult:
+def convert_megatron_to_hf(
+    megatron_path: str | Path,
+    output: str | Path,
+    target_dtype: str | None = None,
+    overwrite: bool = False,
+    verify: bool = False,
+    verify_dtype: str = "fp32",
+    verify_tolerance: float | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    show_progress: bool = True,
+) -> ConversionResult:
     """Write an HF folder (safetensors, config.json, generation_config.json, tokenizer) at ``output``.
 
     ``megatron_path`` is a checkpoint root (its tracker's iteration is read) or an iteration folder.
@@ -139,8 +166,12 @@ def convert_megatron_to_hf(megatron_path: str | Path, output: str | Path, target
     result = ConversionResult(Path(output).resolve(), arch, dtype)
     with staged_output_dir(output, overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
-        for group in tqdm(_row_groups(rows), desc="Megatron -> HF", unit="group",
-                          disable=not (show_progress and is_main_rank())):
+        for group in tqdm(
+            _row_groups(rows),
+            desc="Megatron -> HF",
+            unit="group",
+            disable=not (show_progress and is_main_rank()),
+        ):
             loaded = reader.read([row.megatron for row in group])
             for row in group:
                 for name, tensor in zip(row.hf, row.transform.to_hf(loaded[row.megatron], arch)):
@@ -150,8 +181,9 @@ def convert_megatron_to_hf(megatron_path: str | Path, output: str | Path, target
         _write_configs(tmp, root, arch, table, dtype)
         _copy_tokenizer(root / TOKENIZER_DIR, tmp)
         if verify:
-            result.parity = verify_parity(folder, tmp, arch, dtype_from_name(verify_dtype),
-                                          stored_dtype=dtype)
+            result.parity = verify_parity(
+                folder, tmp, arch, dtype_from_name(verify_dtype), stored_dtype=dtype
+            )
             check_parity(result.parity, verify_tolerance)
     return result
 
@@ -160,14 +192,22 @@ def _write_configs(out: Path, root: Path, arch: GPTArchitecture, table, dtype: t
     from transformers import AutoConfig, GenerationConfig
 
     source = root / HF_CONFIG_DIR
-    base = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else None
+    base = (
+        json.loads((source / "config.json").read_text())
+        if (source / "config.json").is_file()
+        else None
+    )
     if base is not None and base.get("model_type") != table.model_type:
         base = None  # not the source of this architecture; keep nothing from it
     cfg = hf_config_from_architecture(arch, table, DTYPE_NAMES[dtype], base)
-    if base is None:  # e.g. a trainer's root without hf_config/: take the special tokens from the tokenizer
+    if (
+        base is None
+    ):  # e.g. a trainer's root without hf_config/: take the special tokens from the tokenizer
         cfg.update(_special_token_ids(root / TOKENIZER_DIR))
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    hf_config = AutoConfig.from_pretrained(str(out))  # fails here, not in vLLM, if transformers rejects it
+    hf_config = AutoConfig.from_pretrained(
+        str(out)
+    )  # fails here, not in vLLM, if transformers rejects it
     if (source / "generation_config.json").is_file():
         shutil.copy2(source / "generation_config.json", out / "generation_config.json")
     else:
@@ -181,8 +221,11 @@ def _special_token_ids(tokenizer_dir: Path) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     return {k: v for k, v in ids.items() if v is not None}
 
 
@@ -193,8 +236,9 @@ def _copy_tokenizer(source: Path, out: Path) -> None:
                 shutil.copy2(path, out / path.name)
 
 
-def hf_weights_from_state_dict(state_dict: dict, arch: GPTArchitecture,
-                               layer_spec) -> dict[str, torch.Tensor]:
+def hf_weights_from_state_dict(
+    state_dict: dict, arch: GPTArchitecture, layer_spec
+) -> dict[str, torch.Tensor]:
     """HF weights from the ``state_dict()`` of an in-memory, unsharded (TP=PP=1) GPTModel built with
     ``layer_spec`` (module names differ between the local and TE specs; the table knows both)."""
     weights = {}

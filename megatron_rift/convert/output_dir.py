@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from megatron_rift.checkpointing import barrier, global_rank, replace_folder
 from megatron_rift.convert.errors import ConversionError
@@ -20,7 +20,9 @@ def check_output_dir(output: str | Path, overwrite: bool) -> Path:
     """Refuse an existing output folder unless ``overwrite``; returns the resolved path."""
     output = Path(output).resolve()
     if output.exists() and not overwrite:
-        raise ConversionError(f"output folder {output} already exists; pass --overwrite to replace it")
+        raise ConversionError(
+            f"output folder {output} already exists; pass --overwrite to replace it"
+        )
     if output.exists() and not output.is_dir():
         raise ConversionError(f"output {output} exists and is not a folder")
     return output

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from safetensors import safe_open
@@ -31,19 +31,30 @@ class SafetensorsCheckpoint:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as err:
-                raise ConversionError(f"{index}: not a safetensors index "
-                                      "(needs a 'weight_map' object)") from err
+                raise ConversionError(
+                    f"{index}: not a safetensors index (needs a 'weight_map' object)"
+                ) from err
             self.file_of = {name: self.folder / fname for name, fname in weight_map.items()}
             for path in sorted(set(self.file_of.values())):
                 if not path.is_file():
-                    raise ConversionError(f"{index} lists {path.name}, which is missing from {self.folder}")
+                    raise ConversionError(
+                        f"{index} lists {path.name}, which is missing from {self.folder}"
+                    )
         elif (self.folder / SINGLE_FILE).is_file():
             with safe_open(self.folder / SINGLE_FILE, framework="pt") as f:
-                self.file_of = {name: self.folder / SINGLE_FILE for name in f.keys()}
+                self.file_of = dict.fromkeys(f.keys(), self.folder / SINGLE_FILE)
         else:
-            found = sorted(p.name for p in self.folder.glob("*.bin")) if self.folder.is_dir() else []
-            hint = (f" (found {found[:3]}: PyTorch .bin checkpoints are not read; re-save with "
-                    "save_pretrained(..., safe_serialization=True))") if found else ""
+            found = (
+                sorted(p.name for p in self.folder.glob("*.bin")) if self.folder.is_dir() else []
+            )
+            hint = (
+                (
+                    f" (found {found[:3]}: PyTorch .bin checkpoints are not read; re-save with "
+                    "save_pretrained(..., safe_serialization=True))"
+                )
+                if found
+                else ""
+            )
             raise ConversionError(f"{self.folder}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
     @property
@@ -100,7 +111,7 @@ class ShardedSafetensorsWriter:
             name = SINGLE_FILE if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
             os.replace(tmp_path, self.folder / name)
             final.append(self.folder / name)
-            weight_map.update({n: name for n in names})
+            weight_map.update(dict.fromkeys(names, name))
         if count > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

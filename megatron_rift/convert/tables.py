@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 from megatron_rift.convert.transforms import GATE_UP, IDENTITY, QKV, VOCAB, Transform
 from megatron_rift.model.config import GPTArchitecture
@@ -34,8 +34,10 @@ class WeightMapping:
 
     def __post_init__(self):
         if len(self.hf) != self.transform.hf_count:
-            raise ValueError(f"{self.megatron}: transform {self.transform.name} takes "
-                             f"{self.transform.hf_count} HF tensors, got {self.hf}")
+            raise ValueError(
+                f"{self.megatron}: transform {self.transform.name} takes "
+                f"{self.transform.hf_count} HF tensors, got {self.hf}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +65,11 @@ class ArchitectureTable:
         first = [m for m in used if m.megatron.startswith("embedding.")]
         per_layer = [m for m in used if LAYER in m.megatron]
         last = [m for m in used if m not in first and m not in per_layer]
-        return ([_resolve(m, None) for m in first]
-                + [_resolve(m, i) for i in range(arch.num_layers) for m in per_layer]
-                + [_resolve(m, None) for m in last])
+        return (
+            [_resolve(m, None) for m in first]
+            + [_resolve(m, i) for i in range(arch.num_layers) for m in per_layer]
+            + [_resolve(m, None) for m in last]
+        )
 
     def is_ignored(self, hf_name: str) -> bool:
         return any(re.search(p, hf_name) for p in self.ignored_hf)
@@ -74,26 +78,43 @@ class ArchitectureTable:
 def _resolve(mapping: WeightMapping, layer: int | None) -> ResolvedWeight:
     def fill(name: str) -> str:
         return name if layer is None else name.replace(LAYER, str(layer))
-    return ResolvedWeight(fill(mapping.megatron), tuple(fill(h) for h in mapping.hf), mapping.transform,
-                          layer)
+
+    return ResolvedWeight(
+        fill(mapping.megatron), tuple(fill(h) for h in mapping.hf), mapping.transform, layer
+    )
 
 
 _DECODER_LAYER = (
-    WeightMapping("decoder.layers.{layer}.self_attention.linear_qkv.layer_norm_weight",
-                  ("model.layers.{layer}.input_layernorm.weight",)),
-    WeightMapping("decoder.layers.{layer}.self_attention.linear_qkv.weight",
-                  ("model.layers.{layer}.self_attn.q_proj.weight",
-                   "model.layers.{layer}.self_attn.k_proj.weight",
-                   "model.layers.{layer}.self_attn.v_proj.weight"), QKV),
-    WeightMapping("decoder.layers.{layer}.self_attention.linear_proj.weight",
-                  ("model.layers.{layer}.self_attn.o_proj.weight",)),
-    WeightMapping("decoder.layers.{layer}.mlp.linear_fc1.layer_norm_weight",
-                  ("model.layers.{layer}.post_attention_layernorm.weight",)),
-    WeightMapping("decoder.layers.{layer}.mlp.linear_fc1.weight",
-                  ("model.layers.{layer}.mlp.gate_proj.weight", "model.layers.{layer}.mlp.up_proj.weight"),
-                  GATE_UP),
-    WeightMapping("decoder.layers.{layer}.mlp.linear_fc2.weight",
-                  ("model.layers.{layer}.mlp.down_proj.weight",)),
+    WeightMapping(
+        "decoder.layers.{layer}.self_attention.linear_qkv.layer_norm_weight",
+        ("model.layers.{layer}.input_layernorm.weight",),
+    ),
+    WeightMapping(
+        "decoder.layers.{layer}.self_attention.linear_qkv.weight",
+        (
+            "model.layers.{layer}.self_attn.q_proj.weight",
+            "model.layers.{layer}.self_attn.k_proj.weight",
+            "model.layers.{layer}.self_attn.v_proj.weight",
+        ),
+        QKV,
+    ),
+    WeightMapping(
+        "decoder.layers.{layer}.self_attention.linear_proj.weight",
+        ("model.layers.{layer}.self_attn.o_proj.weight",),
+    ),
+    WeightMapping(
+        "decoder.layers.{layer}.mlp.linear_fc1.layer_norm_weight",
+        ("model.layers.{layer}.post_attention_layernorm.weight",),
+    ),
+    WeightMapping(
+        "decoder.layers.{layer}.mlp.linear_fc1.weight",
+        ("model.layers.{layer}.mlp.gate_proj.weight", "model.layers.{layer}.mlp.up_proj.weight"),
+        GATE_UP,
+    ),
+    WeightMapping(
+        "decoder.layers.{layer}.mlp.linear_fc2.weight",
+        ("model.layers.{layer}.mlp.down_proj.weight",),
+    ),
 )
 _EMBEDDING_AND_HEAD = (
     WeightMapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB),
@@ -101,24 +122,42 @@ _EMBEDDING_AND_HEAD = (
     WeightMapping("output_layer.weight", ("lm_head.weight",), VOCAB, untied_only=True),
 )
 _QKV_BIAS = (
-    WeightMapping("decoder.layers.{layer}.self_attention.linear_qkv.bias",
-                  ("model.layers.{layer}.self_attn.q_proj.bias", "model.layers.{layer}.self_attn.k_proj.bias",
-                   "model.layers.{layer}.self_attn.v_proj.bias"), QKV),
+    WeightMapping(
+        "decoder.layers.{layer}.self_attention.linear_qkv.bias",
+        (
+            "model.layers.{layer}.self_attn.q_proj.bias",
+            "model.layers.{layer}.self_attn.k_proj.bias",
+            "model.layers.{layer}.self_attn.v_proj.bias",
+        ),
+        QKV,
+    ),
 )
 _QK_NORM = (
-    WeightMapping("decoder.layers.{layer}.self_attention.q_layernorm.weight",
-                  ("model.layers.{layer}.self_attn.q_norm.weight",)),
-    WeightMapping("decoder.layers.{layer}.self_attention.k_layernorm.weight",
-                  ("model.layers.{layer}.self_attn.k_norm.weight",)),
+    WeightMapping(
+        "decoder.layers.{layer}.self_attention.q_layernorm.weight",
+        ("model.layers.{layer}.self_attn.q_norm.weight",),
+    ),
+    WeightMapping(
+        "decoder.layers.{layer}.self_attention.k_layernorm.weight",
+        ("model.layers.{layer}.self_attn.k_norm.weight",),
+    ),
 )
 
 LLAMA = ArchitectureTable("llama", "LlamaForCausalLM", _EMBEDDING_AND_HEAD + _DECODER_LAYER)
 # Qwen2 / Qwen2.5 / Qwen2.5-Math / DeepSeek-R1-Distill-Qwen: Llama plus biases on q, k, v.
-QWEN2 = ArchitectureTable("qwen2", "Qwen2ForCausalLM", _EMBEDDING_AND_HEAD + _DECODER_LAYER + _QKV_BIAS,
-                          arch_flags={"add_qkv_bias": True})
+QWEN2 = ArchitectureTable(
+    "qwen2",
+    "Qwen2ForCausalLM",
+    _EMBEDDING_AND_HEAD + _DECODER_LAYER + _QKV_BIAS,
+    arch_flags={"add_qkv_bias": True},
+)
 # Qwen3: Llama plus an RMSNorm over each query and key head (no q, k, v biases).
-QWEN3 = ArchitectureTable("qwen3", "Qwen3ForCausalLM", _EMBEDDING_AND_HEAD + _DECODER_LAYER + _QK_NORM,
-                          arch_flags={"qk_layernorm": True})
+QWEN3 = ArchitectureTable(
+    "qwen3",
+    "Qwen3ForCausalLM",
+    _EMBEDDING_AND_HEAD + _DECODER_LAYER + _QK_NORM,
+    arch_flags={"qk_layernorm": True},
+)
 
 TABLES: dict[str, ArchitectureTable] = {t.model_type: t for t in (LLAMA, QWEN2, QWEN3)}
 
@@ -127,8 +166,10 @@ def table_for_architecture(arch: GPTArchitecture) -> ArchitectureTable:
     """The table of ``arch.hf_model_type``; for models not converted from HF, the one whose flags fit."""
     if arch.hf_model_type is not None:
         if arch.hf_model_type not in TABLES:
-            raise KeyError(f"model type {arch.hf_model_type!r} has no conversion table "
-                           f"(supported: {', '.join(sorted(TABLES))})")
+            raise KeyError(
+                f"model type {arch.hf_model_type!r} has no conversion table "
+                f"(supported: {', '.join(sorted(TABLES))})"
+            )
         return TABLES[arch.hf_model_type]
     if arch.qk_layernorm and not arch.add_qkv_bias:
         return QWEN3
@@ -143,7 +184,7 @@ def checkpoint_key(megatron_name: str) -> tuple[str, int | None]:
     """(stored key, layer): Megatron-Core stores the decoder layers stacked, so ``decoder.layers.3.X``
     is row 3 of ``decoder.layers.X``."""
     if megatron_name.startswith(LAYERS_PREFIX):
-        index, _, rest = megatron_name[len(LAYERS_PREFIX):].partition(".")
+        index, _, rest = megatron_name[len(LAYERS_PREFIX) :].partition(".")
         if index.isdigit():
             return LAYERS_PREFIX + rest, int(index)
     return megatron_name, None
@@ -158,9 +199,9 @@ def module_param_name(megatron_name: str, layer_spec) -> str:
     """The parameter name in ``model.state_dict()`` of a model built with ``layer_spec``."""
     if not megatron_name.startswith(LAYERS_PREFIX):
         return megatron_name
-    index, _, rest = megatron_name[len(LAYERS_PREFIX):].partition(".")
+    index, _, rest = megatron_name[len(LAYERS_PREFIX) :].partition(".")
     for module_prefix, checkpoint_prefix in layer_keys_map(layer_spec).items():
         if rest.startswith(checkpoint_prefix):
-            rest = module_prefix + rest[len(checkpoint_prefix):]
+            rest = module_prefix + rest[len(checkpoint_prefix) :]
             break
     return f"{LAYERS_PREFIX}{index}.{rest}"

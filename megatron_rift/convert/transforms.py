@@ -7,7 +7,7 @@ the model's sharded state dict says which slice each rank holds.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -20,8 +20,9 @@ class Transform:
     name = "identity"
     hf_count = 1
 
-    def to_megatron(self, hf: Sequence[torch.Tensor], arch: GPTArchitecture,
-                    megatron_shape: Sequence[int]) -> torch.Tensor:
+    def to_megatron(
+        self, hf: Sequence[torch.Tensor], arch: GPTArchitecture, megatron_shape: Sequence[int]
+    ) -> torch.Tensor:
         return hf[0]
 
     def to_hf(self, megatron: torch.Tensor, arch: GPTArchitecture) -> list[torch.Tensor]:
@@ -43,18 +44,24 @@ class QKVInterleave(Transform):
         q, k, v = hf
         groups, head_dim = arch.num_query_groups, arch.kv_channels
         rest = q.shape[1:]
-        per_group = [t.reshape(groups, -1, *rest) for t in (q, k, v)]  # [groups, rows_of_group, ...]
+        per_group = [
+            t.reshape(groups, -1, *rest) for t in (q, k, v)
+        ]  # [groups, rows_of_group, ...]
         q_rows = head_dim * self._heads_per_group(arch)
         if per_group[1].shape[1] != head_dim or per_group[0].shape[1] != q_rows:
-            raise ValueError(f"q/k/v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} do not "
-                             f"match {arch.num_attention_heads} heads, {groups} kv heads of size {head_dim}")
+            raise ValueError(
+                f"q/k/v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} do not "
+                f"match {arch.num_attention_heads} heads, {groups} kv heads of size {head_dim}"
+            )
         return torch.cat(per_group, dim=1).reshape(-1, *rest)
 
     def to_hf(self, megatron, arch):
         groups, head_dim = arch.num_query_groups, arch.kv_channels
         rest = megatron.shape[1:]
         per_group = megatron.reshape(groups, -1, *rest)
-        q, k, v = torch.split(per_group, [head_dim * self._heads_per_group(arch), head_dim, head_dim], dim=1)
+        q, k, v = torch.split(
+            per_group, [head_dim * self._heads_per_group(arch), head_dim, head_dim], dim=1
+        )
         return [t.reshape(-1, *rest) for t in (q, k, v)]
 
     @staticmethod
@@ -89,7 +96,9 @@ class VocabPad(Transform):
         (table,) = hf
         padded_rows = megatron_shape[0]
         if table.shape[0] > padded_rows:
-            raise ValueError(f"{table.shape[0]} vocabulary rows do not fit Megatron's {padded_rows}")
+            raise ValueError(
+                f"{table.shape[0]} vocabulary rows do not fit Megatron's {padded_rows}"
+            )
         if table.shape[0] == padded_rows:
             return table
         padding = table.new_zeros((padded_rows - table.shape[0], *table.shape[1:]))

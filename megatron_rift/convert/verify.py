@@ -18,7 +18,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rift.checkpointing import load_model_weights
 from megatron_rift.convert.errors import ConversionError
-from megatron_rift.model import GPTArchitecture, build_gpt_model, to_transformer_config
+from megatron_rift.model import (
+    GPTArchitecture,
+    build_gpt_model,
+    default_device,
+    to_transformer_config,
+)
 
 # Absolute bound on max |logit difference| when both models compute in fp32 (the default): the
 # weights are bit-equal, so only kernel order differs.
@@ -41,7 +46,9 @@ class Parity:
         return BF16_RELATIVE_TOLERANCE * self.max_abs_logit
 
 
-def sample_token_ids(vocab_size: int, batch: int = 2, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
+def sample_token_ids(
+    vocab_size: int, batch: int = 2, seq_len: int = 16, seed: int = 0
+) -> torch.Tensor:
     """Deterministic random token ids ``[batch, seq_len]`` from the real (unpadded) vocabulary."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, seq_len), generator=generator)
@@ -60,56 +67,86 @@ def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor | None:
 
         def keep_output(out, non_loss_data=False):
             return out
+
         return output, keep_output
 
     outputs = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([(tokens, positions)]), model=[model],
-        num_microbatches=1, seq_length=seq_len, micro_batch_size=batch, forward_only=True,
-        collect_non_loss_data=True)
+        forward_step_func=forward_step,
+        data_iterator=iter([(tokens, positions)]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=seq_len,
+        micro_batch_size=batch,
+        forward_only=True,
+        collect_non_loss_data=True,
+    )
     if not parallel_state.is_pipeline_last_stage():
         return None
     return tensor_parallel.gather_from_tensor_model_parallel_region(outputs[0])
 
 
 @torch.no_grad()
-def hf_logits(hf_dir: str | Path, tokens: torch.Tensor, dtype: torch.dtype,
-              load_dtype: torch.dtype | None = None) -> torch.Tensor:
+def hf_logits(
+    hf_dir: str | Path,
+    tokens: torch.Tensor,
+    dtype: torch.dtype,
+    load_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Logits ``[batch, seq, vocab]`` of ``AutoModelForCausalLM`` from ``hf_dir``, its weights rounded to
     ``load_dtype`` (the checkpoint's stored precision) and computed in ``dtype``. Any weight the loader
     reports as missing or unexpected is an error (it would otherwise be random or ignored)."""
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=load_dtype or dtype,
-                                                       output_loading_info=True)
-    problems = {k: sorted(v) for k, v in info.items()
-                if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(hf_dir), dtype=load_dtype or dtype, output_loading_info=True
+    )
+    problems = {
+        k: sorted(v)
+        for k, v in info.items()
+        if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+    }
     if problems:
         raise ConversionError(f"transformers reports {problems} when loading {hf_dir}")
     model.to(dtype).eval()
     return model(input_ids=tokens).logits
 
 
-def verify_parity(megatron_dir: str | Path, hf_dir: str | Path, arch: GPTArchitecture,
-                  dtype: torch.dtype = torch.float32, stored_dtype: torch.dtype | None = None,
-                  seed: int = 0) -> Parity:
+def verify_parity(
+    megatron_dir: str | Path,
+    hf_dir: str | Path,
+    arch: GPTArchitecture,
+    dtype: torch.dtype = torch.float32,
+    stored_dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> Parity:
     """Compare the Megatron checkpoint at ``megatron_dir`` (root or iteration folder) with the HF model at
     ``hf_dir``, both computing in ``dtype`` from the same ``stored_dtype`` weights. Collective; every rank
     gets the same result. Differences are taken over the real (unpadded) vocabulary."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    config = to_transformer_config(arch, dtype, tensor_model_parallel_size=tp,
-                                   pipeline_model_parallel_size=pp, perform_initialization=False)
     # On a GPU machine the collectives are NCCL's: everything they touch must live on the GPU.
-    on_gpu = torch.cuda.is_available()
+    on_gpu = default_device() == "cuda"
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    config = to_transformer_config(
+        arch,
+        dtype,
+        device=device.type,
+        loads_weights=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+    )
     model = build_gpt_model(arch, config).to(device)
     model.eval()
     load_model_weights(megatron_dir, model)
     if stored_dtype is not None and stored_dtype != dtype:
-        with torch.no_grad():  # the precision the HF side is loaded at (a no-op for a lossless conversion)
+        with (
+            torch.no_grad()
+        ):  # the precision the HF side is loaded at (a no-op for a lossless conversion)
             for param in model.parameters():
                 param.copy_(param.to(stored_dtype))
-    tokens = sample_token_ids(arch.vocab_size, seq_len=min(16, arch.max_position_embeddings), seed=seed)
+    tokens = sample_token_ids(
+        arch.vocab_size, seq_len=min(16, arch.max_position_embeddings), seed=seed
+    )
     logits = megatron_logits(model, tokens.to(device))
     del model
     found = torch.full((2,), -1.0, dtype=torch.float64, device=device)  # (max |diff|, max |logit|)
@@ -129,8 +166,13 @@ def check_parity(parity: Parity, tolerance: float | None = None) -> None:
     tolerance = parity.tolerance if tolerance is None else tolerance
     if not dist.is_initialized() or dist.get_rank() == 0:
         dtype = str(parity.dtype).removeprefix("torch.")
-        print(f"max_abs_logit_diff={parity.max_abs_logit_diff:.6g} (tolerance {tolerance:.3g}, computed in "
-              f"{dtype}, max |logit| {parity.max_abs_logit:.4g})", flush=True)
+        print(
+            f"max_abs_logit_diff={parity.max_abs_logit_diff:.6g} (tolerance {tolerance:.3g}, computed in "
+            f"{dtype}, max |logit| {parity.max_abs_logit:.4g})",
+            flush=True,
+        )
     if not parity.max_abs_logit_diff <= tolerance:  # also catches NaN
-        raise ConversionError(f"--verify failed: max_abs_logit_diff={parity.max_abs_logit_diff:.6g} "
-                              f"exceeds the tolerance {tolerance:.3g}; the output was not written")
+        raise ConversionError(
+            f"--verify failed: max_abs_logit_diff={parity.max_abs_logit_diff:.6g} "
+            f"exceeds the tolerance {tolerance:.3g}; the output was not written"
+        )

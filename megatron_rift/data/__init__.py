@@ -17,7 +17,7 @@ _EXPORTS = {
     "block_causal_attention_mask": "megatron_rift.data.batching",
     "PackConfig": "megatron_rift.data.packing",
     "pack_rollouts": "megatron_rift.data.packing",
-    "SIDE_DTYPE": "megatron_rift.data.packing",
+    "SIDE_DTYPE": "megatron_rift.data.format",
     "RolloutFields": "megatron_rift.data.rollout_reader",
     "REWARD_SCHEMES": "megatron_rift.data.reward_schemes",
     "scheme_rewards": "megatron_rift.data.reward_schemes",

@@ -15,7 +15,7 @@ Typical use on one data-parallel rank::
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,29 +38,42 @@ class GlobalBatchSampler:
     resume. Because batches do not depend on ``dp_size``, a run may resume with another DP size.
     """
 
-    def __init__(self, num_samples: int, global_batch_size: int, dp_rank: int, dp_size: int,
-                 seed: int, shuffle: bool = True, micro_batch_size: Optional[int] = None):
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        shuffle: bool = True,
+        micro_batch_size: int | None = None,
+    ):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, dp_size={dp_size})")
         if global_batch_size % dp_size:
-            raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of "
-                             f"dp_size {dp_size}")
+            raise ValueError(
+                f"global_batch_size {global_batch_size} is not a multiple of dp_size {dp_size}"
+            )
         self.local_batch_size = global_batch_size // dp_size
         self.micro_batch_size = micro_batch_size or self.local_batch_size
         if self.local_batch_size % self.micro_batch_size:
-            raise ValueError(f"global_batch_size / dp_size = {self.local_batch_size} is not a "
-                             f"multiple of micro_batch_size {self.micro_batch_size}")
+            raise ValueError(
+                f"global_batch_size / dp_size = {self.local_batch_size} is not a "
+                f"multiple of micro_batch_size {self.micro_batch_size}"
+            )
         if num_samples < global_batch_size:
-            raise ValueError(f"{num_samples} samples cannot fill one global batch of "
-                             f"{global_batch_size}; lower the global batch size")
+            raise ValueError(
+                f"{num_samples} samples cannot fill one global batch of "
+                f"{global_batch_size}; lower the global batch size"
+            )
         self.num_samples, self.global_batch_size = int(num_samples), int(global_batch_size)
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.shuffle = int(seed), shuffle
         self.batches_per_epoch = self.num_samples // self.global_batch_size
         self.epoch = 0
         self.consumed_samples = 0
-        self._order_epoch: Optional[int] = None
-        self._order: Optional[np.ndarray] = None
+        self._order_epoch: int | None = None
+        self._order: np.ndarray | None = None
 
     def __len__(self) -> int:
         """Global batches per epoch."""
@@ -82,18 +95,13 @@ class GlobalBatchSampler:
         if not 0 <= batch < self.batches_per_epoch:
             raise IndexError(f"batch {batch} not in [0, {self.batches_per_epoch})")
         start = batch * self.global_batch_size
-        return self.epoch_order(epoch)[start:start + self.global_batch_size]
+        return self.epoch_order(epoch)[start : start + self.global_batch_size]
 
     def local_batch(self, epoch: int, batch: int) -> np.ndarray:
         """int64 [num_micro_batches, micro_batch_size]: this rank's share of a global batch."""
         start = self.dp_rank * self.local_batch_size
-        mine = self.global_batch(epoch, batch)[start:start + self.local_batch_size]
+        mine = self.global_batch(epoch, batch)[start : start + self.local_batch_size]
         return mine.reshape(-1, self.micro_batch_size)
-
-    def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[np.ndarray]:
-        """This rank's ``local_batch`` for each global batch of ``epoch`` from ``start_batch``."""
-        for batch in range(start_batch, self.batches_per_epoch):
-            yield self.local_batch(epoch, batch)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         """Endless local batches from the current state; the state advances as each is yielded."""
@@ -106,18 +114,27 @@ class GlobalBatchSampler:
             yield local
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed_samples": self.consumed_samples,
-                "seed": self.seed, "num_samples": self.num_samples,
-                "global_batch_size": self.global_batch_size, "shuffle": self.shuffle}
+        return {
+            "epoch": self.epoch,
+            "consumed_samples": self.consumed_samples,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "global_batch_size": self.global_batch_size,
+            "shuffle": self.shuffle,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "num_samples", "global_batch_size", "shuffle"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"cannot resume: sampler {key} was {state[key]}, now "
-                                 f"{getattr(self, key)}; resuming would change the data order")
+                raise ValueError(
+                    f"cannot resume: sampler {key} was {state[key]}, now "
+                    f"{getattr(self, key)}; resuming would change the data order"
+                )
         if state["consumed_samples"] % self.global_batch_size:
-            raise ValueError(f"consumed_samples {state['consumed_samples']} is not a multiple of "
-                             f"global_batch_size {self.global_batch_size}")
+            raise ValueError(
+                f"consumed_samples {state['consumed_samples']} is not a multiple of "
+                f"global_batch_size {self.global_batch_size}"
+            )
         self.epoch, self.consumed_samples = int(state["epoch"]), int(state["consumed_samples"])
 
 
@@ -136,9 +153,14 @@ def _place(lengths: Sequence[int], seq_length: int, pack: bool) -> list[tuple[in
     return places
 
 
-def collate_rollouts(samples: Sequence[dict], seq_length: int, pad_id: int, pack: bool = False,
-                     num_rows: Optional[int] = None, attention_mask: bool = False
-                     ) -> dict[str, torch.Tensor]:
+def collate_rollouts(
+    samples: Sequence[dict],
+    seq_length: int,
+    pad_id: int,
+    pack: bool = False,
+    num_rows: int | None = None,
+    attention_mask: bool = False,
+) -> dict[str, torch.Tensor]:
     """Build a Megatron GPT micro-batch from ``RewardDataset`` items.
 
     Args:
@@ -171,37 +193,13 @@ def collate_rollouts(samples: Sequence[dict], seq_length: int, pad_id: int, pack
     ``position_ids``; RoPE scores depend only on relative positions, so with the block-causal mask
     a packed sample sees exactly what it would see alone.
     """
-    n = len(samples)
-    lengths = [len(sample["tokens"]) for sample in samples]
-    for j, length in enumerate(lengths):
-        if length > seq_length:
-            raise ValueError(f"sample {j} (dataset index {samples[j].get('index', '?')}) has "
-                             f"{length} tokens > seq_length {seq_length}; pack the rollouts "
-                             f"with --max-seq-length {seq_length}")
+    lengths = _checked_lengths(samples, seq_length)
     places = _place(lengths, seq_length, pack)
-    needed = max((row for row, _ in places), default=-1) + 1
-    rows = needed if num_rows is None else num_rows
-    if rows < needed:
-        raise ValueError(f"{n} samples need {needed} rows of {seq_length} tokens, more than "
-                         f"num_rows={num_rows}")
-
-    tokens = np.full((rows, seq_length), pad_id, dtype=np.int64)
-    segment = np.full((rows, seq_length), -1, dtype=np.int64)
-    position = np.zeros((rows, seq_length), dtype=np.int64)
-    is_response = np.zeros((rows, seq_length), dtype=bool)
-    for j, ((row, offset), length) in enumerate(zip(places, lengths)):
-        span = slice(offset, offset + length)
-        tokens[row, span] = samples[j]["tokens"]
-        segment[row, span] = j
-        position[row, span] = np.arange(length)
-        is_response[row, span] = np.asarray(samples[j]["loss_mask"], dtype=bool)
-
-    labels = np.full_like(tokens, pad_id)
-    labels[:, :-1] = tokens[:, 1:]
-    loss_mask = np.zeros((rows, seq_length), dtype=bool)
-    loss_mask[:, :-1] = is_response[:, 1:] & (segment[:, 1:] == segment[:, :-1])
+    rows = _row_count(places, len(samples), seq_length, num_rows)
+    tokens, segment, position, is_response = _lay_out(samples, places, rows, seq_length, pad_id)
+    labels, loss_mask = _next_token_targets(tokens, segment, is_response, pad_id)
     sample_rewards = np.array([float(s["reward"]) for s in samples], dtype=np.float32)
-    token_rewards = np.where(loss_mask, sample_rewards[np.maximum(segment, 0)] if n else 0.0, 0.0)
+    token_rewards = _token_rewards(loss_mask, segment, sample_rewards)
 
     batch = {
         "tokens": torch.from_numpy(tokens),
@@ -216,12 +214,84 @@ def collate_rollouts(samples: Sequence[dict], seq_length: int, pad_id: int, pack
         "sample_offsets": torch.tensor([offset for _, offset in places], dtype=torch.int64),
     }
     if not pack:
-        rewards = np.zeros(rows, dtype=np.float32)
-        rewards[:n] = sample_rewards
-        batch["rewards"] = torch.from_numpy(rewards)
+        batch["rewards"] = torch.from_numpy(_row_rewards(sample_rewards, rows))
     if attention_mask:
         batch["attention_mask"] = block_causal_attention_mask(batch["segment_ids"])
     return batch
+
+
+def _checked_lengths(samples: Sequence[dict], seq_length: int) -> list[int]:
+    """Tokens per sample; a sample longer than a row is an error naming its dataset index."""
+    lengths = [len(sample["tokens"]) for sample in samples]
+    for j, length in enumerate(lengths):
+        if length > seq_length:
+            raise ValueError(
+                f"sample {j} (dataset index {samples[j].get('index', '?')}) has "
+                f"{length} tokens > seq_length {seq_length}; pack the rollouts "
+                f"with --max-seq-length {seq_length}"
+            )
+    return lengths
+
+
+def _row_count(places: list[tuple[int, int]], n: int, seq_length: int, num_rows: int | None) -> int:
+    """Rows b of the batch: ``num_rows`` when given (error if the placement needs more), else
+    the rows the placement uses."""
+    needed = max((row for row, _ in places), default=-1) + 1
+    rows = needed if num_rows is None else num_rows
+    if rows < needed:
+        raise ValueError(
+            f"{n} samples need {needed} rows of {seq_length} tokens, more than num_rows={num_rows}"
+        )
+    return rows
+
+
+def _lay_out(
+    samples: Sequence[dict], places: list[tuple[int, int]], rows: int, seq_length: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Copy each sample to its (row, offset). Returns [b, s] arrays: tokens int64 (pad_id on
+    padding), segment int64 (sample j, -1 on padding), position int64 (from 0 per sample, 0 on
+    padding), is_response bool (the sample's loss_mask)."""
+    tokens = np.full((rows, seq_length), pad_id, dtype=np.int64)
+    segment = np.full((rows, seq_length), -1, dtype=np.int64)
+    position = np.zeros((rows, seq_length), dtype=np.int64)
+    is_response = np.zeros((rows, seq_length), dtype=bool)
+    for j, (row, offset) in enumerate(places):
+        length = len(samples[j]["tokens"])
+        span = slice(offset, offset + length)
+        tokens[row, span] = samples[j]["tokens"]
+        segment[row, span] = j
+        position[row, span] = np.arange(length)
+        is_response[row, span] = np.asarray(samples[j]["loss_mask"], dtype=bool)
+    return tokens, segment, position, is_response
+
+
+def _next_token_targets(
+    tokens: np.ndarray, segment: np.ndarray, is_response: np.ndarray, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """[b, s] labels int64 (tokens shifted left, pad_id in the last column) and loss_mask bool
+    (the label is a response token of the same sample as the input token)."""
+    labels = np.full_like(tokens, pad_id)
+    labels[:, :-1] = tokens[:, 1:]
+    loss_mask = np.zeros(tokens.shape, dtype=bool)
+    # Across a sample boundary in a packed row the label belongs to the next sample: no loss.
+    loss_mask[:, :-1] = is_response[:, 1:] & (segment[:, 1:] == segment[:, :-1])
+    return labels, loss_mask
+
+
+def _token_rewards(
+    loss_mask: np.ndarray, segment: np.ndarray, sample_rewards: np.ndarray
+) -> np.ndarray:
+    """float [b, s]: the reward of the sample at each position where loss_mask is 1, else 0."""
+    if not sample_rewards.size:  # nothing to index; every position is padding
+        return np.zeros(loss_mask.shape)
+    return np.where(loss_mask, sample_rewards[np.maximum(segment, 0)], 0.0)
+
+
+def _row_rewards(sample_rewards: np.ndarray, rows: int) -> np.ndarray:
+    """float32 [b]: sample j's reward on row j (unpacked layout), 0 on padding rows."""
+    rewards = np.zeros(rows, dtype=np.float32)
+    rewards[: sample_rewards.size] = sample_rewards
+    return rewards
 
 
 def block_causal_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:

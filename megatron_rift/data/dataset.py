@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from megatron_rift.data.errors import RolloutDataError
-from megatron_rift.data.packing import FORMAT_NAME, SIDE_DTYPE, output_paths
+from megatron_rift.data.format import FORMAT_NAME, SIDE_DTYPE, output_paths
 
 
 class RewardDataset(torch.utils.data.Dataset):
@@ -42,12 +42,15 @@ class RewardDataset(torch.utils.data.Dataset):
         if missing:
             raise RolloutDataError(
                 f"packed dataset {self.prefix} is incomplete: missing {', '.join(missing)}. "
-                "Re-run tools/pack_rollouts.py for this --output-prefix.")
+                "Re-run tools/pack_rollouts.py for this --output-prefix."
+            )
         with open(paths[".json"]) as handle:
             self.info = json.load(handle)
         if self.info.get("format") != FORMAT_NAME:
-            raise RolloutDataError(f"{paths['.json']} is not a {FORMAT_NAME} description "
-                                   "(written by tools/pack_rollouts.py).")
+            raise RolloutDataError(
+                f"{paths['.json']} is not a {FORMAT_NAME} description "
+                "(written by tools/pack_rollouts.py)."
+            )
         self.tokens = IndexedDataset(self.prefix, mmap=mmap)
         self.side = np.load(paths[".rewards.npy"], mmap_mode="r")
         self._check(paths)
@@ -58,21 +61,25 @@ class RewardDataset(torch.utils.data.Dataset):
     def _check(self, paths: dict) -> None:
         side_file = paths[".rewards.npy"]
         if self.side.dtype != SIDE_DTYPE or self.side.ndim != 1:
-            raise RolloutDataError(f"{side_file} has dtype {self.side.dtype}, shape "
-                                   f"{self.side.shape}; expected 1-D {SIDE_DTYPE}. Re-pack.")
+            raise RolloutDataError(
+                f"{side_file} has dtype {self.side.dtype}, shape "
+                f"{self.side.shape}; expected 1-D {SIDE_DTYPE}. Re-pack."
+            )
         documents = len(self.tokens.document_indices) - 1
         if not (len(self.tokens) == documents == self.side.shape[0] == self.info.get("rollouts")):
             raise RolloutDataError(
                 f"packed dataset {self.prefix} does not match itself: {paths['.idx']} holds "
                 f"{len(self.tokens)} sequences in {documents} documents, {side_file} "
                 f"{self.side.shape[0]} rows, {paths['.json']} says {self.info.get('rollouts')} "
-                "rollouts. The files come from different runs; re-pack.")
+                "rollouts. The files come from different runs; re-pack."
+            )
         start = np.asarray(self.side["response_start"])
         if np.any(start < 1) or np.any(start >= self.lengths):
             bad = int(np.flatnonzero((start < 1) | (start >= self.lengths))[0])
             raise RolloutDataError(
                 f"{side_file}: rollout {bad} has response_start {start[bad]} outside [1, "
-                f"{self.lengths[bad]}); the side file does not belong to {paths['.idx']}. Re-pack.")
+                f"{self.lengths[bad]}); the side file does not belong to {paths['.idx']}. Re-pack."
+            )
 
     @property
     def lengths(self) -> np.ndarray:
@@ -99,5 +106,29 @@ class RewardDataset(torch.utils.data.Dataset):
         start = int(row["response_start"])
         loss_mask = np.zeros(tokens.shape[0], dtype=np.uint8)
         loss_mask[start:] = 1
-        return {"tokens": tokens, "loss_mask": loss_mask, "reward": float(row["reward"]),
-                "group": int(row["group"]), "response_start": start, "index": index}
+        return {
+            "tokens": tokens,
+            "loss_mask": loss_mask,
+            "reward": float(row["reward"]),
+            "group": int(row["group"]),
+            "response_start": start,
+            "index": index,
+        }
+
+
+SEQ_LENGTH_MULTIPLE = 16  # FP8 GEMMs want token counts divisible by 16
+
+
+def fit_seq_length(dataset: RewardDataset, seq_length: int | None = None) -> int:
+    """``seq_length``, or the longest document rounded up to a multiple of 16; RolloutDataError
+    when a document does not fit. Reads only the index."""
+    longest = int(np.max(dataset.lengths))
+    fitted = seq_length or -(-longest // SEQ_LENGTH_MULTIPLE) * SEQ_LENGTH_MULTIPLE
+    if longest > fitted:
+        where = int(np.argmax(dataset.lengths))
+        raise RolloutDataError(
+            f"--seq-length {fitted} is shorter than rollout {where} of {dataset.prefix} "
+            f"({longest} tokens); raise --seq-length to at least {longest} or re-pack with "
+            f"--max-seq-length {fitted}"
+        )
+    return fitted

@@ -23,10 +23,11 @@ import itertools
 import multiprocessing
 import os
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -50,8 +51,13 @@ class EncodedChunk:
         return np.concatenate(([0], np.cumsum(self.rollout_lengths[:-1], dtype=np.int64)))
 
 
-def encode_rollouts(encoder, eos_id: int, prompts: Sequence[str], responses: Sequence[str],
-                    add_prompt_special_tokens: bool = True) -> EncodedChunk:
+def encode_rollouts(
+    encoder,
+    eos_id: int,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    add_prompt_special_tokens: bool = True,
+) -> EncodedChunk:
     """Tokenize ``prompts[i]`` and ``responses[i]`` separately, append EOS; see module docstring.
 
     ``encoder`` has ``encode_batch(texts, add_special_tokens)`` (a :class:`RolloutTokenizer`
@@ -65,13 +71,14 @@ def encode_rollouts(encoder, eos_id: int, prompts: Sequence[str], responses: Seq
     rollout_lengths = prompt_lengths + response_lengths + 1
     eos = (eos_id,)
     pieces = itertools.chain.from_iterable(
-        itertools.chain(p, r, eos) for p, r in zip(prompt_ids, response_ids))
+        itertools.chain(p, r, eos) for p, r in zip(prompt_ids, response_ids)
+    )
     tokens = np.fromiter(pieces, dtype=np.int32, count=int(rollout_lengths.sum()))
     return EncodedChunk(prompt_lengths, rollout_lengths, tokens)
 
 
 # --- worker-process side (module globals live in each worker) ---
-_WORKER_STATE: Optional[tuple] = None  # (encoder, eos_id, add_prompt_special_tokens)
+_WORKER_STATE: tuple | None = None  # (encoder, eos_id, add_prompt_special_tokens)
 
 
 def _init_worker(encoder_spec: tuple, eos_id: int, add_prompt_special_tokens: bool) -> None:
@@ -101,14 +108,16 @@ class ChunkEncoder:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.workers = max(1, int(workers))
-        self._pool: Optional[ProcessPoolExecutor] = None
+        self._pool: ProcessPoolExecutor | None = None
         if self.workers > 1:
             # An executor, not multiprocessing.Pool: when a worker dies (or its initializer
             # fails) it raises BrokenProcessPool instead of respawning workers forever.
             self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"),
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(tokenizer.encoder_spec(), tokenizer.eos_id, not chat_template))
+                initargs=(tokenizer.encoder_spec(), tokenizer.eos_id, not chat_template),
+            )
 
     def _prompts(self, prompts: list[str]) -> list[str]:
         # Chat templates are rendered here (jinja needs the full HF tokenizer); workers only encode.
@@ -116,20 +125,32 @@ class ChunkEncoder:
             return [self.tokenizer.render_chat_prompt(p) for p in prompts]
         return prompts
 
-    def map(self, chunks: Iterable[tuple[Any, list[str], list[str]]]
-            ) -> Iterator[tuple[Any, EncodedChunk]]:
+    def map(
+        self, chunks: Iterable[tuple[Any, list[str], list[str]]]
+    ) -> Iterator[tuple[Any, EncodedChunk]]:
         """For each ``(payload, prompts, responses)`` yield ``(payload, EncodedChunk)``, in order."""
         if self._pool is None:
             for payload, prompts, responses in chunks:
-                yield payload, encode_rollouts(self.tokenizer, self.tokenizer.eos_id,
-                                               self._prompts(prompts), responses,
-                                               not self.chat_template)
+                yield (
+                    payload,
+                    encode_rollouts(
+                        self.tokenizer,
+                        self.tokenizer.eos_id,
+                        self._prompts(prompts),
+                        responses,
+                        not self.chat_template,
+                    ),
+                )
             return
         pending: deque = deque()
         try:
             for payload, prompts, responses in chunks:
-                pending.append((payload, self._pool.submit(_encode_in_worker,
-                                                           self._prompts(prompts), responses)))
+                pending.append(
+                    (
+                        payload,
+                        self._pool.submit(_encode_in_worker, self._prompts(prompts), responses),
+                    )
+                )
                 if len(pending) >= 2 * self.workers:
                     done_payload, future = pending.popleft()
                     yield done_payload, future.result()
@@ -140,14 +161,15 @@ class ChunkEncoder:
             raise RuntimeError(
                 "a tokenizer worker process died. If a script calls pack_rollouts with "
                 "workers > 1, its top level must be guarded by `if __name__ == '__main__':` "
-                "(workers are started with 'spawn' and import the main module).") from exc
+                "(workers are started with 'spawn' and import the main module)."
+            ) from exc
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    def __enter__(self) -> "ChunkEncoder":
+    def __enter__(self) -> ChunkEncoder:
         return self
 
     def __exit__(self, *exc) -> None:

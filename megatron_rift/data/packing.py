@@ -9,7 +9,7 @@ Two streaming passes over the input:
 * ``PREFIX.bin`` / ``PREFIX.idx``: Megatron ``IndexedDataset``, one document (one sequence) per
   rollout, int32 token ids ``prompt + response + EOS``, written with ``IndexedDatasetBuilder``;
 * ``PREFIX.rewards.npy``: a structured array, one row per document, load with
-  ``np.load(..., mmap_mode="r")``; fields in :data:`SIDE_DTYPE`;
+  ``np.load(..., mmap_mode="r")``; fields in :data:`~megatron_rift.data.format.SIDE_DTYPE`;
 * ``PREFIX.json``: format, arguments, tokenizer info and statistics (see ``docs/packing.md``).
 
 All four are written under a hidden temporary folder next to the prefix and renamed into place
@@ -24,32 +24,29 @@ import os
 import shutil
 import tempfile
 from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from megatron_rift.data.encoding import ChunkEncoder, EncodedChunk
 from megatron_rift.data.errors import RolloutDataError
+from megatron_rift.data.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    OUTPUT_SUFFIXES,
+    SIDE_DTYPE,
+    TOKEN_DTYPE,
+    output_paths,
+)
 from megatron_rift.data.reward_schemes import REWARD_SCHEMES, scheme_rewards
 from megatron_rift.data.rollout_reader import PAIRS_MODES, Location, RolloutFields, iter_documents
 from megatron_rift.data.tokenizer import RolloutTokenizer, load_tokenizer
 
-FORMAT_NAME = "megatron-rift-rollouts"
-FORMAT_VERSION = 1
-OUTPUT_SUFFIXES = (".bin", ".idx", ".rewards.npy", ".json")
 OVERLONG_MODES = ("error", "drop", "truncate")
 KEEP_MODES = ("all", "positive")
-
-SIDE_DTYPE = np.dtype([
-    ("reward", "<f4"),          # training reward after the reward scheme
-    ("raw_reward", "<f4"),      # the given reward (or 1/0 from `correct`)
-    ("response_start", "<i4"),  # index of the first response token (= number of prompt tokens)
-    ("group", "<i4"),           # problem id, dense over the input in first-appearance order
-    ("outcome", "i1"),          # +1 positive, -1 negative, 0 reward exactly 0 (no `correct`)
-])
 
 
 @dataclass
@@ -60,7 +57,7 @@ class PackConfig:
     output_prefix: str
     tokenizer: str
     chat_template: bool = False
-    max_seq_length: Optional[int] = None
+    max_seq_length: int | None = None
     overlong: str = "error"
     reward_scheme: str = "constant"
     positive_reward: float = 1.0
@@ -77,13 +74,16 @@ class PackConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        for name, value, allowed in (("overlong", self.overlong, OVERLONG_MODES),
-                                     ("reward_scheme", self.reward_scheme, REWARD_SCHEMES),
-                                     ("keep", self.keep, KEEP_MODES),
-                                     ("pairs", self.pairs, PAIRS_MODES)):
+        for name, value, allowed in (
+            ("overlong", self.overlong, OVERLONG_MODES),
+            ("reward_scheme", self.reward_scheme, REWARD_SCHEMES),
+            ("keep", self.keep, KEEP_MODES),
+            ("pairs", self.pairs, PAIRS_MODES),
+        ):
             if value not in allowed:
-                raise RolloutDataError(f"--{name.replace('_', '-')} {value!r}: choose one of "
-                                       f"{', '.join(allowed)}.")
+                raise RolloutDataError(
+                    f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(allowed)}."
+                )
         if self.max_seq_length is not None and self.max_seq_length < 2:
             raise RolloutDataError("--max-seq-length must be at least 2 (a prompt token and EOS).")
         if self.workers < 1 or self.chunk_size < 1:
@@ -91,16 +91,13 @@ class PackConfig:
         if not self.inputs:
             raise RolloutDataError("no input files given (--input FILE [FILE ...]).")
         if self.pairs != "none" and self.keep != "all":
-            raise RolloutDataError("--pairs keeps both members of every pair; it cannot be "
-                                   f"combined with --keep {self.keep}.")
+            raise RolloutDataError(
+                "--pairs keeps both members of every pair; it cannot be "
+                f"combined with --keep {self.keep}."
+            )
 
     def documents(self):
         return iter_documents(self.inputs, self.fields, self.pairs)
-
-
-def output_paths(prefix: str) -> dict[str, str]:
-    """The four files of a packed dataset, by suffix."""
-    return {suffix: str(prefix) + suffix for suffix in OUTPUT_SUFFIXES}
 
 
 @dataclass
@@ -118,19 +115,28 @@ def scan_groups(config: PackConfig) -> GroupScan:
     group_ids: dict[bytes, int] = {}
     group, raw, outcome = array("q"), array("d"), array("b")
     paths, progress = config.inputs, config.progress
-    for rollout in tqdm(config.documents(), desc="pass 1/2 (validate, group)",
-                        unit=" rollouts", disable=None if progress else True):
+    for rollout in tqdm(
+        config.documents(),
+        desc="pass 1/2 (validate, group)",
+        unit=" rollouts",
+        disable=None if progress else True,
+    ):
         group.append(group_ids.setdefault(rollout.group_key, len(group_ids)))
         raw.append(rollout.raw_reward)
         outcome.append(rollout.outcome)
     if not group:
         raise RolloutDataError(f"no rollouts found in {', '.join(map(str, paths))}.")
-    return GroupScan(np.frombuffer(group, dtype=np.int64), np.frombuffer(raw, dtype=np.float64),
-                     np.frombuffer(outcome, dtype=np.int8), len(group_ids))
+    return GroupScan(
+        np.frombuffer(group, dtype=np.int64),
+        np.frombuffer(raw, dtype=np.float64),
+        np.frombuffer(outcome, dtype=np.int8),
+        len(group_ids),
+    )
 
 
-def _chunks(config: PackConfig, keep: np.ndarray
-            ) -> Iterator[tuple[tuple[list[int], list[Location]], list[str], list[str]]]:
+def _chunks(
+    config: PackConfig, keep: np.ndarray
+) -> Iterator[tuple[tuple[list[int], list[Location]], list[str], list[str]]]:
     """Pass 2 reader: kept rollouts in chunks of ``(indices, locations), prompts, responses``."""
     indices, locations, prompts, responses = [], [], [], []
     count = 0
@@ -150,8 +156,10 @@ def _chunks(config: PackConfig, keep: np.ndarray
             yield (indices, locations), prompts, responses
             indices, locations, prompts, responses = [], [], [], []
     if count != keep.size:
-        raise RolloutDataError(f"the input changed while packing ({keep.size} rollouts in pass 1, "
-                               f"{count} in pass 2); do not modify input files during packing.")
+        raise RolloutDataError(
+            f"the input changed while packing ({keep.size} rollouts in pass 1, "
+            f"{count} in pass 2); do not modify input files during packing."
+        )
     if indices:
         yield (indices, locations), prompts, responses
 
@@ -162,9 +170,9 @@ class _DatasetWriter:
     def __init__(self, bin_path: str, config: PackConfig):
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-        self.builder = IndexedDatasetBuilder(bin_path, dtype=np.int32)
+        self.builder = IndexedDatasetBuilder(bin_path, dtype=TOKEN_DTYPE.type)
         self.config = config
-        self.written = array("q")          # input index of each written rollout
+        self.written = array("q")  # input index of each written rollout
         self.response_start = array("i")
         self.prompt_tokens = self.response_tokens = 0
         self.overlong = self.overlong_dropped = self.overlong_truncated = 0
@@ -184,7 +192,7 @@ class _DatasetWriter:
                 continue
             length, prompt_length = kept[j]
             start = int(offsets[j])
-            self.builder.add_document(chunk.tokens[start:start + length], [length])
+            self.builder.add_document(chunk.tokens[start : start + length], [length])
             self.written.append(index)
             self.response_start.append(prompt_length)
             self.prompt_tokens += prompt_length
@@ -198,7 +206,8 @@ class _DatasetWriter:
             raise RolloutDataError(
                 f"{where}: the prompt encodes to 0 tokens, so the first response token "
                 "would have nothing to be predicted from. Give a non-empty prompt, or use "
-                "--chat-template or a tokenizer that adds BOS.")
+                "--chat-template or a tokenizer that adds BOS."
+            )
         if max_len is None or length <= max_len:
             return length, prompt_length
         self.overlong += 1
@@ -206,7 +215,8 @@ class _DatasetWriter:
             raise RolloutDataError(
                 f"{where}: rollout has {length} tokens (prompt {prompt_length}, "
                 f"response+EOS {length - prompt_length}) > --max-seq-length {max_len}. "
-                "Pass --overlong drop or --overlong truncate, or raise --max-seq-length.")
+                "Pass --overlong drop or --overlong truncate, or raise --max-seq-length."
+            )
         if self.config.overlong == "drop" or prompt_length >= max_len:
             self.overlong_dropped += 1  # truncation would leave no response token
             return None
@@ -231,10 +241,16 @@ def _statistics(scan: GroupScan, written: np.ndarray) -> dict:
         problems = int(np.unique(groups).size)
         rollouts = int(selection.size)
         mixed = int(np.sum(has_pos & has_neg))
-        return {"problems": problems, "rollouts": rollouts, "positive": int(positive.sum()),
-                "negative": int(rollouts - positive.sum()), "zero_reward": int(np.sum(outcome == 0)),
-                "positive_fraction": float(positive.sum() / rollouts) if rollouts else 0.0,
-                "mixed_problems": mixed, "mixed_fraction": mixed / problems if problems else 0.0}
+        return {
+            "problems": problems,
+            "rollouts": rollouts,
+            "positive": int(positive.sum()),
+            "negative": int(rollouts - positive.sum()),
+            "zero_reward": int(np.sum(outcome == 0)),
+            "positive_fraction": float(positive.sum() / rollouts) if rollouts else 0.0,
+            "mixed_problems": mixed,
+            "mixed_fraction": mixed / problems if problems else 0.0,
+        }
 
     stats = of(written)
     everything = of(np.arange(scan.group.size))
@@ -258,14 +274,22 @@ def pack_rollouts(config: PackConfig) -> dict:
     final = output_paths(config.output_prefix)
     existing = [p for p in final.values() if os.path.exists(p)]
     if existing and not config.overwrite:
-        raise RolloutDataError(f"{', '.join(existing)} already exist(s); pass --overwrite to "
-                               "replace the packed dataset, or choose another --output-prefix.")
+        raise RolloutDataError(
+            f"{', '.join(existing)} already exist(s); pass --overwrite to "
+            "replace the packed dataset, or choose another --output-prefix."
+        )
     tokenizer = load_tokenizer(config.tokenizer)
     if config.chat_template and not tokenizer.has_chat_template:
         tokenizer.render_chat_prompt("")  # raises the explanatory error
     scan = scan_groups(config)
-    rewards = scheme_rewards(config.reward_scheme, scan.raw, scan.outcome, scan.group,
-                             config.positive_reward, config.negative_reward)
+    rewards = scheme_rewards(
+        config.reward_scheme,
+        scan.raw,
+        scan.outcome,
+        scan.group,
+        config.positive_reward,
+        config.negative_reward,
+    )
     keep = scan.outcome > 0 if config.keep == "positive" else np.ones(scan.group.size, bool)
 
     out_dir = Path(config.output_prefix).resolve().parent
@@ -286,14 +310,26 @@ def pack_rollouts(config: PackConfig) -> dict:
     return summary
 
 
-def _pack_into(config: PackConfig, tokenizer: RolloutTokenizer, scan: GroupScan,
-               rewards: np.ndarray, keep: np.ndarray, paths: dict[str, str]) -> dict:
+def _pack_into(
+    config: PackConfig,
+    tokenizer: RolloutTokenizer,
+    scan: GroupScan,
+    rewards: np.ndarray,
+    keep: np.ndarray,
+    paths: dict[str, str],
+) -> dict:
     from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
 
     writer = _DatasetWriter(paths[".bin"], config)
-    with ChunkEncoder(tokenizer, config.chat_template, config.workers) as encoder, \
-            tqdm(total=int(keep.sum()), desc="pass 2/2 (tokenize, write)", unit=" rollouts",
-                 disable=None if config.progress else True) as bar:
+    with (
+        ChunkEncoder(tokenizer, config.chat_template, config.workers) as encoder,
+        tqdm(
+            total=int(keep.sum()),
+            desc="pass 2/2 (tokenize, write)",
+            unit=" rollouts",
+            disable=None if config.progress else True,
+        ) as bar,
+    ):
         for (indices, locations), chunk in encoder.map(_chunks(config, keep)):
             writer.add_chunk(indices, locations, chunk)
             bar.update(len(indices))
@@ -302,7 +338,8 @@ def _pack_into(config: PackConfig, tokenizer: RolloutTokenizer, scan: GroupScan,
     if written.size == 0:
         raise RolloutDataError(
             f"no rollouts left to write: {scan.group.size} read, {int((~keep).sum())} removed by "
-            f"--keep {config.keep}, {writer.overlong_dropped} dropped as overlong.")
+            f"--keep {config.keep}, {writer.overlong_dropped} dropped as overlong."
+        )
 
     side = np.zeros(written.size, dtype=SIDE_DTYPE)
     side["reward"] = rewards[written]
@@ -313,14 +350,19 @@ def _pack_into(config: PackConfig, tokenizer: RolloutTokenizer, scan: GroupScan,
     np.save(paths[".rewards.npy"], side)
 
     summary = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION,
-        "token_dtype": "int32", "token_dtype_code": DType.code_from_dtype(np.int32),
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "token_dtype": TOKEN_DTYPE.name,
+        "token_dtype_code": DType.code_from_dtype(TOKEN_DTYPE.type),
         "side_file_fields": list(SIDE_DTYPE.names),
-        "tokenizer": tokenizer.info(), "arguments": _config_record(config),
+        "tokenizer": tokenizer.info(),
+        "arguments": _config_record(config),
         **_statistics(scan, written),
-        "prompt_tokens": writer.prompt_tokens, "response_tokens": writer.response_tokens,
+        "prompt_tokens": writer.prompt_tokens,
+        "response_tokens": writer.response_tokens,
         "total_tokens": writer.prompt_tokens + writer.response_tokens,
-        "overlong": writer.overlong, "overlong_dropped": writer.overlong_dropped,
+        "overlong": writer.overlong,
+        "overlong_dropped": writer.overlong_dropped,
         "overlong_truncated": writer.overlong_truncated,
         "removed_by_keep": int((~keep).sum()),
         "pairs": None if config.pairs == "none" else config.pairs,

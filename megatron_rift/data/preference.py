@@ -4,11 +4,12 @@ A *unit* is what ``--global-batch-size`` and ``--micro-batch-size`` count for ``
 and ``kto``; each unit is two sequences, and the sampler hands out whole units, so both halves of
 a unit are always in the same micro-batch (by construction: there is no way to split them).
 
-* ``dpo`` / ``simpo``: a pair of a *pairs dataset* (``tools/pack_rollouts.py --pairs``): documents
-  ``2u`` (chosen) and ``2u + 1`` (rejected).
-* ``kto``: one document with a non-zero reward (desirable if > 0, undesirable if < 0) and its
-  *mismatched* sample: the same prompt followed by the response of :func:`kl_partners`'s partner,
-  a document of another problem. KTO estimates its reference point from these (KTO paper 4.1).
+* :class:`PairUnits` (``dpo``, ``simpo``): a pair of a *pairs dataset*
+  (``tools/pack_rollouts.py --pairs``): documents ``2u`` (chosen) and ``2u + 1`` (rejected).
+* :class:`MismatchedUnits` (``kto``): one document with a non-zero reward (desirable if > 0,
+  undesirable if < 0) and its *mismatched* sample: the same prompt followed by the response of
+  :func:`kl_partners`'s partner, a document of another problem. KTO estimates its reference point
+  from these (KTO paper 4.1).
 
 Reference log-probs (``tools/compute_ref_logprobs.py``) live next to the dataset as
 ``PREFIX.ref_logprobs.npy`` (one :data:`REF_DTYPE` row per document, memory-mapped) and
@@ -27,18 +28,19 @@ import numpy as np
 
 from megatron_rift.data.dataset import RewardDataset
 from megatron_rift.data.errors import RolloutDataError
-from megatron_rift.data.packing import output_paths
-
-CHOSEN, REJECTED, KL_SAMPLE = 1, -1, 0  # = megatron_rift.losses (which imports torch)
+from megatron_rift.data.format import output_paths
+from megatron_rift.roles import CHOSEN, KL_SAMPLE, REJECTED
 
 REF_SUFFIX = ".ref_logprobs"
 REF_FORMAT = "megatron-rift-ref-logprobs"
-REF_DTYPE = np.dtype([
-    ("logprob", "<f8"),        # log pi_ref(response | prompt), summed over response tokens (+EOS)
-    ("num_tokens", "<i4"),     # response tokens scored
-    ("kl_logprob", "<f8"),     # the same for the document's KTO mismatched sample (NaN if skipped)
-    ("kl_num_tokens", "<i4"),
-])
+REF_DTYPE = np.dtype(
+    [
+        ("logprob", "<f8"),  # log pi_ref(response | prompt), summed over response tokens (+EOS)
+        ("num_tokens", "<i4"),  # response tokens scored
+        ("kl_logprob", "<f8"),  # the same for the document's KTO mismatched sample (NaN if skipped)
+        ("kl_num_tokens", "<i4"),
+    ]
+)
 
 
 def ref_paths(prefix: str) -> dict[str, str]:
@@ -67,9 +69,11 @@ def kl_partners(groups: np.ndarray) -> np.ndarray:
     groups = np.asarray(groups)
     n = groups.size
     if n == 0 or np.all(groups == groups[0]):
-        raise RolloutDataError("kto needs documents of at least two problems (its reference point "
-                               "pairs each prompt with another problem's response); this dataset "
-                               "has one")
+        raise RolloutDataError(
+            "kto needs documents of at least two problems (its reference point "
+            "pairs each prompt with another problem's response); this dataset "
+            "has one"
+        )
     change = np.flatnonzero(groups[1:] != groups[:-1]) + 1  # run starts after the first
     run_end = np.full(n, -1, dtype=np.int64)
     # The next run start after each index (or -1 past the last change).
@@ -88,13 +92,19 @@ def mismatched_sample(dataset: RewardDataset, index: int, partner: int, max_leng
     """Document ``index``'s prompt followed by document ``partner``'s response (with its EOS),
     cut to ``max_length`` tokens (the dataset's longest document, so it fits the trainer's rows)."""
     own, other = dataset[index], dataset[partner]
-    prompt = own["tokens"][:own["response_start"]]
-    response = other["tokens"][other["response_start"]:]
+    prompt = own["tokens"][: own["response_start"]]
+    response = other["tokens"][other["response_start"] :]
     tokens = np.concatenate([prompt, response])[:max_length]
     loss_mask = np.zeros(tokens.shape[0], dtype=np.uint8)
-    loss_mask[prompt.shape[0]:] = 1
-    return {"tokens": tokens, "loss_mask": loss_mask, "reward": 0.0, "index": -1,
-            "group": own["group"], "response_start": int(prompt.shape[0])}
+    loss_mask[prompt.shape[0] :] = 1
+    return {
+        "tokens": tokens,
+        "loss_mask": loss_mask,
+        "reward": 0.0,
+        "index": -1,
+        "group": own["group"],
+        "response_start": int(prompt.shape[0]),
+    }
 
 
 def pairs_layout(dataset: RewardDataset) -> str | None:
@@ -112,7 +122,8 @@ class ReferenceLogprobs:
             raise RolloutDataError(
                 f"reference log-probs {path_prefix}: missing {', '.join(missing)}. Compute them "
                 f"with tools/compute_ref_logprobs.py --data-path {dataset.prefix} --load REF_CKPT, "
-                "or train with --reference online")
+                "or train with --reference online"
+            )
         self.info = json.loads(Path(paths["json"]).read_text())
         if self.info.get("format") != REF_FORMAT:
             raise RolloutDataError(f"{paths['json']} is not a {REF_FORMAT} description")
@@ -122,83 +133,112 @@ class ReferenceLogprobs:
                 f"{paths['json']} was computed for another dataset (fingerprint "
                 f"{str(self.info.get('dataset_fingerprint'))[:12]}..., {dataset.prefix} is "
                 f"{fingerprint[:12]}...): the dataset was re-packed or the file belongs elsewhere. "
-                "Recompute it with tools/compute_ref_logprobs.py")
+                "Recompute it with tools/compute_ref_logprobs.py"
+            )
         self.rows = np.load(paths["npy"], mmap_mode="r")
         if self.rows.dtype != REF_DTYPE or self.rows.shape != (len(dataset),):
             raise RolloutDataError(
                 f"{paths['npy']}: dtype {self.rows.dtype}, shape {self.rows.shape}; expected "
-                f"{len(dataset)} rows of {REF_DTYPE}. Recompute it")
+                f"{len(dataset)} rows of {REF_DTYPE}. Recompute it"
+            )
         expected = dataset.lengths.astype(np.int64) - dataset.side["response_start"]
         bad = np.flatnonzero(np.asarray(self.rows["num_tokens"]) != expected)
         if bad.size:
             raise RolloutDataError(
                 f"{paths['npy']}: document {int(bad[0])} scored {int(self.rows['num_tokens'][bad[0]])} "
-                f"response tokens, the dataset has {int(expected[bad[0]])}. Recompute it")
+                f"response tokens, the dataset has {int(expected[bad[0]])}. Recompute it"
+            )
         if need_kl and not self.info.get("kl_samples", False):
             raise RolloutDataError(
                 f"{paths['json']} has no log-probs of KTO's mismatched samples; recompute it "
-                "without --skip-kl-samples")
+                "without --skip-kl-samples"
+            )
         self.path_prefix = path_prefix
 
 
-class PreferenceUnits:
-    """The units of ``objective`` over ``dataset``; ``samples(u)`` gives the unit's two sequences
-    as collate-ready dicts with ``role`` and ``ref_logprob`` (0 when there is no reference)."""
+class PairUnits:
+    """The (chosen, rejected) pairs of a pairs dataset: unit u is documents 2u and 2u + 1.
+    ``samples(u)`` gives both as collate-ready dicts with ``role`` and ``ref_logprob`` (0 when
+    there is no reference)."""
 
-    def __init__(self, dataset: RewardDataset, objective: str,
-                 reference: ReferenceLogprobs | None = None):
-        self.dataset, self.objective, self.reference = dataset, objective, reference
-        if objective in ("dpo", "simpo"):
-            if pairs_layout(dataset) is None:
-                raise RolloutDataError(
-                    f"--objective {objective} trains on (chosen, rejected) pairs, but "
-                    f"{dataset.prefix} is a plain rollout dataset. Pack it with "
-                    "tools/pack_rollouts.py --pairs ground-truth (rollouts + a 'solution' field, "
-                    "paper section 4.1) or --pairs given (records with chosen/rejected)")
-            self.documents = np.arange(len(dataset), dtype=np.int64)
-            self.num_units = len(dataset) // 2
-        elif objective == "kto":
-            rewards = np.asarray(dataset.rewards)
-            self.documents = np.flatnonzero(rewards != 0).astype(np.int64)
-            if self.documents.size == 0:
-                raise RolloutDataError(f"kto: every reward in {dataset.prefix} is 0; KTO needs "
-                                       "desirable (r > 0) or undesirable (r < 0) samples")
-            self.partners = kl_partners(np.asarray(dataset.groups))
-            self.max_length = int(np.max(dataset.lengths))
-            self.num_units = int(self.documents.size)
-        else:
-            raise ValueError(f"{objective!r} is not a preference objective")
+    def __init__(
+        self,
+        dataset: RewardDataset,
+        reference: ReferenceLogprobs | None = None,
+        objective_name: str = "this objective",
+    ):
+        if pairs_layout(dataset) is None:
+            raise RolloutDataError(
+                f"--objective {objective_name} trains on (chosen, rejected) pairs, but "
+                f"{dataset.prefix} is a plain rollout dataset. Pack it with "
+                "tools/pack_rollouts.py --pairs ground-truth (rollouts + a 'solution' field, "
+                "paper section 4.1) or --pairs given (records with chosen/rejected)"
+            )
+        self.dataset, self.reference = dataset, reference
+        self.num_units = len(dataset) // 2
 
     def __len__(self) -> int:
         return self.num_units
 
-    def _ref(self, index: int, kl: bool = False) -> float:
-        if self.reference is None:
-            return 0.0
-        return float(self.reference.rows["kl_logprob" if kl else "logprob"][index])
-
     def samples(self, unit: int) -> list[dict]:
         unit = int(unit)
-        if self.objective in ("dpo", "simpo"):
-            chosen, rejected = dict(self.dataset[2 * unit]), dict(self.dataset[2 * unit + 1])
-            chosen.update(role=CHOSEN, ref_logprob=self._ref(2 * unit))
-            rejected.update(role=REJECTED, ref_logprob=self._ref(2 * unit + 1))
-            return [chosen, rejected]
-        index = int(self.documents[unit])
+        chosen, rejected = dict(self.dataset[2 * unit]), dict(self.dataset[2 * unit + 1])
+        chosen.update(role=CHOSEN, ref_logprob=_reference(self.reference, 2 * unit))
+        rejected.update(role=REJECTED, ref_logprob=_reference(self.reference, 2 * unit + 1))
+        return [chosen, rejected]
+
+    def unit_tokens(self, units: np.ndarray) -> int:
+        """Tokens of the given units' sequences (for tokens/s)."""
+        lengths = self.dataset.lengths
+        return int(lengths[2 * units].sum() + lengths[2 * units + 1].sum())
+
+
+class MismatchedUnits:
+    """KTO's units: each document with a non-zero reward (desirable if > 0, undesirable if < 0)
+    and its mismatched sample (its prompt with :func:`kl_partners`'s partner's response)."""
+
+    def __init__(
+        self,
+        dataset: RewardDataset,
+        reference: ReferenceLogprobs | None = None,
+        objective_name: str = "this objective",
+    ):
+        self.dataset, self.reference = dataset, reference
+        self.documents = np.flatnonzero(np.asarray(dataset.rewards) != 0).astype(np.int64)
+        if self.documents.size == 0:
+            raise RolloutDataError(
+                f"{objective_name}: every reward in {dataset.prefix} is 0; it "
+                "needs desirable (r > 0) or undesirable (r < 0) samples"
+            )
+        self.partners = kl_partners(np.asarray(dataset.groups))
+        self.max_length = int(np.max(dataset.lengths))
+        self.num_units = int(self.documents.size)
+
+    def __len__(self) -> int:
+        return self.num_units
+
+    def samples(self, unit: int) -> list[dict]:
+        index = int(self.documents[int(unit)])
         sample = dict(self.dataset[index])
-        sample.update(role=CHOSEN if sample["reward"] > 0 else REJECTED,
-                      ref_logprob=self._ref(index))
+        sample.update(
+            role=CHOSEN if sample["reward"] > 0 else REJECTED,
+            ref_logprob=_reference(self.reference, index),
+        )
         kl = mismatched_sample(self.dataset, index, int(self.partners[index]), self.max_length)
-        kl.update(role=KL_SAMPLE, ref_logprob=self._ref(index, kl=True))
+        kl.update(role=KL_SAMPLE, ref_logprob=_reference(self.reference, index, kl=True))
         return [sample, kl]
 
     def unit_tokens(self, units: np.ndarray) -> int:
         """Tokens of the given units' sequences (for tokens/s)."""
         lengths = self.dataset.lengths
-        if self.objective in ("dpo", "simpo"):
-            return int(lengths[2 * units].sum() + lengths[2 * units + 1].sum())
         docs = self.documents[units]
         starts = np.asarray(self.dataset.side["response_start"])
         partner = self.partners[docs]
         kl = np.minimum(starts[docs] + lengths[partner] - starts[partner], self.max_length)
         return int(lengths[docs].sum() + kl.sum())
+
+
+def _reference(reference: ReferenceLogprobs | None, index: int, kl: bool = False) -> float:
+    if reference is None:
+        return 0.0
+    return float(reference.rows["kl_logprob" if kl else "logprob"][index])

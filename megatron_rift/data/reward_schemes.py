@@ -23,8 +23,14 @@ import numpy as np
 REWARD_SCHEMES = ("constant", "raw", "gaussian", "gpg-mean", "gpg-scaled")
 
 
-def scheme_rewards(scheme: str, raw: np.ndarray, outcome: np.ndarray, group: np.ndarray,
-                   positive_reward: float = 1.0, negative_reward: float = -0.2) -> np.ndarray:
+def scheme_rewards(
+    scheme: str,
+    raw: np.ndarray,
+    outcome: np.ndarray,
+    group: np.ndarray,
+    positive_reward: float = 1.0,
+    negative_reward: float = -0.2,
+) -> np.ndarray:
     """Per-rollout training reward, float64 [N], for ``scheme``.
 
     Args:
@@ -35,8 +41,9 @@ def scheme_rewards(scheme: str, raw: np.ndarray, outcome: np.ndarray, group: np.
     outcome = np.asarray(outcome)
     group = np.asarray(group, dtype=np.int64)
     if scheme == "constant":
-        return np.where(outcome > 0, positive_reward,
-                        np.where(outcome < 0, negative_reward, 0.0)).astype(np.float64)
+        return np.where(
+            outcome > 0, positive_reward, np.where(outcome < 0, negative_reward, 0.0)
+        ).astype(np.float64)
     if scheme == "raw":
         return raw.copy()
     if scheme not in REWARD_SCHEMES:
@@ -60,8 +67,10 @@ def scheme_rewards(scheme: str, raw: np.ndarray, outcome: np.ndarray, group: np.
         constant = (high <= low)[group]
         return np.where(constant, 0.0, centered / np.where(constant, 1.0, sigma[group]))
 
-    alpha = np.bincount(group, weights=(outcome > 0).astype(np.float64),
-                        minlength=num_groups) / safe_size
+    alpha = (
+        np.bincount(group, weights=(outcome > 0).astype(np.float64), minlength=num_groups)
+        / safe_size
+    )
     if scheme == "gpg-mean":
         return alpha[group] * (raw - mean[group])
     return alpha[group] * raw  # gpg-scaled

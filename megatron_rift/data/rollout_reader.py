@@ -24,10 +24,10 @@ import gzip
 import hashlib
 import json
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from megatron_rift.data.errors import RolloutDataError
 
@@ -58,7 +58,9 @@ class Location:
     is_line: bool
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.number}" if self.is_line else f"{self.path}: record {self.number}"
+        return (
+            f"{self.path}:{self.number}" if self.is_line else f"{self.path}: record {self.number}"
+        )
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,9 @@ class Rollout:
     prompt: str
     response: str
     raw_reward: float  # the given reward, or 1.0/0.0 from `correct`
-    outcome: int  # +1 positive (correct, or reward > 0), -1 negative, 0 reward exactly 0 (no `correct`)
+    outcome: (
+        int  # +1 positive (correct, or reward > 0), -1 negative, 0 reward exactly 0 (no `correct`)
+    )
     group_key: bytes  # digest of prompt_id (or of the prompt text): groups a problem's rollouts
     where: Location
 
@@ -81,7 +85,8 @@ def input_format(path: str) -> str:
             return fmt
     raise RolloutDataError(
         f"{path}: unknown input format; name the file .jsonl (one JSON object per line), .json "
-        "(a JSON array) or .parquet.")
+        "(a JSON array) or .parquet."
+    )
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[object, Location]]:
@@ -95,7 +100,8 @@ def _iter_jsonl(path: str) -> Iterator[tuple[object, Location]]:
             except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
                 raise RolloutDataError(
                     f"{path}:{line_no}: malformed JSON ({exc}). Each line must be one JSON object; "
-                    "fix or remove this line.") from None
+                    "fix or remove this line."
+                ) from None
             yield record, Location(path, line_no, True)
 
 
@@ -110,11 +116,16 @@ def _iter_with_datasets(path: str, fmt: str) -> Iterator[tuple[object, Location]
     except RolloutDataError:
         raise
     except Exception as exc:  # pyarrow / datasets raise many types for a bad file
-        hint = (" If the file holds one JSON object per line, name it .jsonl to get the exact "
-                "line of the error." if fmt == "json" else "")
+        hint = (
+            " If the file holds one JSON object per line, name it .jsonl to get the exact "
+            "line of the error."
+            if fmt == "json"
+            else ""
+        )
         raise RolloutDataError(
             f"{path}: could not read it as {fmt} with `datasets` after {number} records "
-            f"({type(exc).__name__}: {exc}). Check that the file is valid {fmt}.{hint}") from None
+            f"({type(exc).__name__}: {exc}). Check that the file is valid {fmt}.{hint}"
+        ) from None
 
 
 def iter_records(paths: Sequence[str]) -> Iterator[tuple[object, Location]]:
@@ -133,18 +144,24 @@ def _group_key(prompt_id: object, prompt: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-def _text_field(record: dict, name: str, flag: str, where: Location, non_blank: bool = False) -> str:
+def _text_field(
+    record: dict, name: str, flag: str, where: Location, non_blank: bool = False
+) -> str:
     value = record.get(name)
     if value is None:
         raise RolloutDataError(
             f"{where}: missing field '{name}'. Add it, or point {flag} at the field that holds "
-            f"it (fields present: {sorted(record)}).")
+            f"it (fields present: {sorted(record)})."
+        )
     if not isinstance(value, str):
-        raise RolloutDataError(f"{where}: field '{name}' must be a string, got "
-                               f"{type(value).__name__}.")
+        raise RolloutDataError(
+            f"{where}: field '{name}' must be a string, got {type(value).__name__}."
+        )
     if non_blank and not value.strip():
-        raise RolloutDataError(f"{where}: field '{name}' is empty; there is nothing to train on. "
-                               "Remove the record or fill the field.")
+        raise RolloutDataError(
+            f"{where}: field '{name}' is empty; there is nothing to train on. "
+            "Remove the record or fill the field."
+        )
     return value
 
 
@@ -156,10 +173,13 @@ def _check_object(record: object, where: Location) -> dict:
 
 def _prompt_id(record: dict, fields: RolloutFields, where: Location):
     prompt_id = record.get(fields.prompt_id)
-    if prompt_id is not None and (isinstance(prompt_id, bool)
-                                  or not isinstance(prompt_id, (str, Integral))):
-        raise RolloutDataError(f"{where}: field '{fields.prompt_id}' must be a string or an "
-                               f"integer, got {prompt_id!r}.")
+    if prompt_id is not None and (
+        isinstance(prompt_id, bool) or not isinstance(prompt_id, (str, Integral))
+    ):
+        raise RolloutDataError(
+            f"{where}: field '{fields.prompt_id}' must be a string or an "
+            f"integer, got {prompt_id!r}."
+        )
     return prompt_id
 
 
@@ -171,22 +191,27 @@ def parse_rollout(record: object, fields: RolloutFields, where: Location) -> Rol
 
     correct = record.get(fields.correct)
     if correct is not None and not isinstance(correct, bool):
-        raise RolloutDataError(f"{where}: field '{fields.correct}' must be true or false, got "
-                               f"{correct!r}.")
+        raise RolloutDataError(
+            f"{where}: field '{fields.correct}' must be true or false, got {correct!r}."
+        )
     reward = record.get(fields.reward)
     if reward is not None:
         if isinstance(reward, bool) or not isinstance(reward, Real):
-            raise RolloutDataError(f"{where}: field '{fields.reward}' must be a number, got "
-                                   f"{reward!r}.")
+            raise RolloutDataError(
+                f"{where}: field '{fields.reward}' must be a number, got {reward!r}."
+            )
         reward = float(reward)
         if not math.isfinite(reward):
-            raise RolloutDataError(f"{where}: field '{fields.reward}' is {reward}; rewards must be "
-                                   "finite numbers. Fix the reward or drop the record.")
+            raise RolloutDataError(
+                f"{where}: field '{fields.reward}' is {reward}; rewards must be "
+                "finite numbers. Fix the reward or drop the record."
+            )
     if reward is None and correct is None:
         raise RolloutDataError(
             f"{where}: no reward: give '{fields.reward}' (a finite number) or '{fields.correct}' "
             "(true/false), or remap them with --reward-key / --correct-key. (A JSON array or "
-            "Parquet file stores NaN as null, so a NaN reward also lands here.)")
+            "Parquet file stores NaN as null, so a NaN reward also lands here.)"
+        )
 
     prompt_id = _prompt_id(record, fields, where)
     if correct is not None:
@@ -197,8 +222,9 @@ def parse_rollout(record: object, fields: RolloutFields, where: Location) -> Rol
     return Rollout(prompt, response, raw_reward, outcome, _group_key(prompt_id, prompt), where)
 
 
-def iter_rollouts(paths: Sequence[str], fields: RolloutFields = RolloutFields()
-                  ) -> Iterator[Rollout]:
+def iter_rollouts(
+    paths: Sequence[str], fields: RolloutFields = RolloutFields()
+) -> Iterator[Rollout]:
     """Validated rollouts of all files, in input order."""
     for record, where in iter_records(paths):
         yield parse_rollout(record, fields, where)
@@ -207,7 +233,9 @@ def iter_rollouts(paths: Sequence[str], fields: RolloutFields = RolloutFields()
 PAIRS_MODES = ("none", "ground-truth", "given")
 
 
-def _ground_truth_pair(record: object, fields: RolloutFields, where: Location) -> tuple[Rollout, Rollout]:
+def _ground_truth_pair(
+    record: object, fields: RolloutFields, where: Location
+) -> tuple[Rollout, Rollout]:
     """Paper section 4.1: the rollout is preferred to the ground-truth solution when it is
     correct, the ground truth otherwise. Returns (chosen, rejected)."""
     rollout = parse_rollout(record, fields, where)
@@ -222,11 +250,14 @@ def _given_pair(record: object, fields: RolloutFields, where: Location) -> tuple
     chosen = _text_field(record, fields.chosen, "--chosen-key", where, non_blank=True)
     rejected = _text_field(record, fields.rejected, "--rejected-key", where, non_blank=True)
     key = _group_key(_prompt_id(record, fields, where), prompt)
-    return Rollout(prompt, chosen, 1.0, 1, key, where), Rollout(prompt, rejected, 0.0, -1, key, where)
+    return Rollout(prompt, chosen, 1.0, 1, key, where), Rollout(
+        prompt, rejected, 0.0, -1, key, where
+    )
 
 
-def iter_documents(paths: Sequence[str], fields: RolloutFields = RolloutFields(),
-                   pairs: str = "none") -> Iterator[Rollout]:
+def iter_documents(
+    paths: Sequence[str], fields: RolloutFields = RolloutFields(), pairs: str = "none"
+) -> Iterator[Rollout]:
     """The documents a packed dataset holds, in order: one per rollout (``pairs="none"``), or
     two per record, chosen then rejected (``"ground-truth"``: a rollout with its problem's
     ``solution``; ``"given"``: a record with ``chosen`` and ``rejected`` responses)."""

@@ -14,13 +14,15 @@ model defines one. ``pad_id`` falls back to ``eos_id`` when the tokenizer has no
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from megatron_rift.data.errors import RolloutDataError
 
-_HOW_TO_FIX = ("Pass --tokenizer an HF tokenizer folder (tokenizer.json / tokenizer_config.json, "
-               "as written by save_pretrained) or a SentencePiece .model file.")
+_HOW_TO_FIX = (
+    "Pass --tokenizer an HF tokenizer folder (tokenizer.json / tokenizer_config.json, "
+    "as written by save_pretrained) or a SentencePiece .model file."
+)
 
 
 class RolloutTokenizer:
@@ -32,12 +34,14 @@ class RolloutTokenizer:
     vocab_size: int  # ids are in [0, vocab_size)
     eos_id: int
     pad_id: int
-    bos_id: Optional[int]
+    bos_id: int | None
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.encode_batch([text], add_special_tokens)[0]
 
-    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], add_special_tokens: bool = False
+    ) -> list[list[int]]:
         raise NotImplementedError
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -51,7 +55,8 @@ class RolloutTokenizer:
         """The prompt as one user turn in the chat template, ending with the assistant header."""
         raise RolloutDataError(
             f"tokenizer {self.path} has no chat template; drop --chat-template or pass an HF "
-            "tokenizer folder whose tokenizer_config.json / chat_template.jinja defines one.")
+            "tokenizer folder whose tokenizer_config.json / chat_template.jinja defines one."
+        )
 
     def encoder_spec(self) -> tuple:
         """A picklable recipe for :func:`encoder_from_spec`: how a worker process rebuilds just
@@ -60,9 +65,15 @@ class RolloutTokenizer:
 
     def info(self) -> dict:
         """JSON-ready description, stored in the packed dataset's ``PREFIX.json``."""
-        return {"kind": self.kind, "path": self.path, "name": self.name,
-                "vocab_size": self.vocab_size, "eos_id": self.eos_id, "pad_id": self.pad_id,
-                "bos_id": self.bos_id}
+        return {
+            "kind": self.kind,
+            "path": self.path,
+            "name": self.name,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+            "bos_id": self.bos_id,
+        }
 
 
 class HFTokenizer(RolloutTokenizer):
@@ -77,11 +88,13 @@ class HFTokenizer(RolloutTokenizer):
         except Exception as exc:  # transformers raises many types for a bad folder
             raise RolloutDataError(
                 f"could not load an HF tokenizer from {self.path}: {type(exc).__name__}: {exc}. "
-                + _HOW_TO_FIX) from exc
+                + _HOW_TO_FIX
+            ) from exc
         if self._tok.eos_token_id is None:
             raise RolloutDataError(
                 f"tokenizer {self.path} has no EOS token; every response must end with EOS. "
-                "Set eos_token in its tokenizer_config.json.")
+                "Set eos_token in its tokenizer_config.json."
+            )
         self.name = getattr(self._tok, "name_or_path", None) or Path(self.path).name
         self.vocab_size = len(self._tok)
         self.eos_id = int(self._tok.eos_token_id)
@@ -99,11 +112,16 @@ class HFTokenizer(RolloutTokenizer):
 
     def encode_batch(self, texts, add_special_tokens=False):
         if self._backend is not None:
-            encodings = self._backend.encode_batch_fast(list(texts),
-                                                        add_special_tokens=add_special_tokens)
+            encodings = self._backend.encode_batch_fast(
+                list(texts), add_special_tokens=add_special_tokens
+            )
             return [e.ids for e in encodings]
-        return self._tok(list(texts), add_special_tokens=add_special_tokens,
-                         return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        return self._tok(
+            list(texts),
+            add_special_tokens=add_special_tokens,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )["input_ids"]
 
     def decode(self, ids):
         return self._tok.decode(list(ids), skip_special_tokens=False)
@@ -122,8 +140,9 @@ class HFTokenizer(RolloutTokenizer):
     def render_chat_prompt(self, prompt: str) -> str:
         if not self.has_chat_template:
             return super().render_chat_prompt(prompt)
-        return self._tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        return self._tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
 
 
 class SentencePieceTokenizer(RolloutTokenizer):
@@ -138,11 +157,13 @@ class SentencePieceTokenizer(RolloutTokenizer):
             self._sp.Load(self.path)
         except Exception as exc:  # OSError / RuntimeError depending on the damage
             raise RolloutDataError(
-                f"could not load SentencePiece model {self.path}: {exc}. " + _HOW_TO_FIX) from exc
+                f"could not load SentencePiece model {self.path}: {exc}. " + _HOW_TO_FIX
+            ) from exc
         if self._sp.eos_id() < 0:
             raise RolloutDataError(
                 f"SentencePiece model {self.path} has no EOS piece (eos_id=-1); every response must "
-                "end with EOS. Retrain it with eos_id set.")
+                "end with EOS. Retrain it with eos_id set."
+            )
         self.name = Path(self.path).name
         self.vocab_size = int(self._sp.get_piece_size())
         self.eos_id = int(self._sp.eos_id())
@@ -165,8 +186,9 @@ class _BackendEncoder:
         self._backend = Tokenizer.from_str(serialized)
 
     def encode_batch(self, texts, add_special_tokens=False):
-        encodings = self._backend.encode_batch_fast(list(texts),
-                                                    add_special_tokens=add_special_tokens)
+        encodings = self._backend.encode_batch_fast(
+            list(texts), add_special_tokens=add_special_tokens
+        )
         return [e.ids for e in encodings]
 
 
@@ -192,11 +214,13 @@ def load_tokenizer(path: str | os.PathLike) -> RolloutTokenizer:
     elif path.suffix == ".model":
         tok = SentencePieceTokenizer(str(path))
     else:
-        raise RolloutDataError(f"tokenizer path {path} is neither a folder nor a .model file. "
-                               + _HOW_TO_FIX)
+        raise RolloutDataError(
+            f"tokenizer path {path} is neither a folder nor a .model file. " + _HOW_TO_FIX
+        )
     if not tok.encode("hello world 123"):
         # transformers 5's LlamaTokenizer over a fresh SentencePiece model does exactly this.
         raise RolloutDataError(
             f"tokenizer {path} encodes 'hello world 123' to an empty list, so it is broken "
-            "(e.g. an HF export of a SentencePiece model). Use the .model file directly.")
+            "(e.g. an HF export of a SentencePiece model). Use the .model file directly."
+        )
     return tok

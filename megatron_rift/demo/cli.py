@@ -18,50 +18,112 @@ import warnings
 from pathlib import Path
 
 from megatron_rift.demo.config import DEFAULT_METHODS, METHODS, DemoConfig
+from megatron_rift.objectives import RFT, RIFT
 
 # `--miniature`: the whole pipeline in about a minute on 2 cores (a smoke test, e.g. in CI).
-MINIATURE = dict(base_problems=600, train_problems=24, val_problems=8, test_problems=16,
-                 ood_problems=16, num_layers=2, hidden_size=64, ffn_hidden_size=176,
-                 base_epochs=1.0, finetune_epochs=1.0, base_global_batch=32,
-                 finetune_global_batch=32, micro_batch_size=16, max_new_tokens=64)
+MINIATURE = dict(
+    base_problems=600,
+    train_problems=24,
+    val_problems=8,
+    test_problems=16,
+    ood_problems=16,
+    num_layers=2,
+    hidden_size=64,
+    ffn_hidden_size=176,
+    base_epochs=1.0,
+    finetune_epochs=1.0,
+    base_global_batch=32,
+    finetune_global_batch=32,
+    micro_batch_size=16,
+    max_new_tokens=64,
+)
 # The miniature's default comparison; every other method adds ~11 s (DPO/KTO ~8 s more for the
 # reference log-probs).
-MINIATURE_METHODS = ("rft", "rift")
+MINIATURE_METHODS = (RFT.name, RIFT.name)
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = DemoConfig(output_dir="")
-    p = argparse.ArgumentParser(prog="megatron-rift demo", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--output-dir", default=None,
-                   help="folder for every stage's artifacts (default: a fresh demo_runs/<timestamp>)")
-    p.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1; report mean ± std")
+    p = argparse.ArgumentParser(
+        prog="megatron-rift demo",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        help="folder for every stage's artifacts (default: a fresh demo_runs/<timestamp>)",
+    )
+    p.add_argument(
+        "--seeds", type=int, default=1, help="repeat with seeds 0..N-1; report mean ± std"
+    )
     p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--problems", default=None, metavar="FILE.jsonl",
-                   help="your own problems: records with question, answer, optional solution, and "
-                        "split in {train, val, test, ood}")
-    p.add_argument("--methods", default=None,
-                   help=f"comma-separated subset of {', '.join(METHODS)}, or 'all' (default: "
-                        f"{','.join(DEFAULT_METHODS)}; with --miniature {','.join(MINIATURE_METHODS)})")
-    p.add_argument("--sweep-lr", action="store_true",
-                   help="choose each method's lr on the validation split (slower)")
-    p.add_argument("--sweep-lrs", default=",".join(f"{lr:g}" for lr in d.sweep_lrs),
-                   help="comma-separated learning rates that --sweep-lr tries")
-    p.add_argument("--rounds", type=int, default=1, choices=(1, 2),
-                   help="2: iterative RIFT (new rollouts from the RIFT model, train again)")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=d.tensor_parallel,
-                   help="TP for every training run (2 runs under torchrun on gloo)")
+    p.add_argument(
+        "--problems",
+        default=None,
+        metavar="FILE.jsonl",
+        help="your own problems: records with question, answer, optional solution, and "
+        "split in {train, val, test, ood}",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated subset of {', '.join(METHODS)}, or 'all' (default: "
+        f"{','.join(DEFAULT_METHODS)}; with --miniature {','.join(MINIATURE_METHODS)})",
+    )
+    p.add_argument(
+        "--sweep-lr",
+        action="store_true",
+        help="choose each method's lr on the validation split (slower)",
+    )
+    p.add_argument(
+        "--sweep-lrs",
+        default=",".join(f"{lr:g}" for lr in d.sweep_lrs),
+        help="comma-separated learning rates that --sweep-lr tries",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        choices=(1, 2),
+        help="2: iterative RIFT (new rollouts from the RIFT model, train again)",
+    )
+    p.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=d.tensor_parallel,
+        help="TP for every training run (2 runs under torchrun on gloo)",
+    )
     p.add_argument("--samples-per-problem", type=int, default=d.samples_per_problem, help="K")
-    p.add_argument("--miniature", action="store_true",
-                   help="a ~1-minute pipeline on 2 cores (smaller model, fewer problems, RFT "
-                        "against RIFT unless --methods says otherwise): a smoke test")
-    for name in ("base_problems", "train_problems", "test_problems", "ood_problems",
-                 "val_problems", "num_layers", "hidden_size", "max_new_tokens"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
-                       help=f"default {getattr(d, name)}")
+    p.add_argument(
+        "--miniature",
+        action="store_true",
+        help="a ~1-minute pipeline on 2 cores (smaller model, fewer problems, RFT "
+        "against RIFT unless --methods says otherwise): a smoke test",
+    )
+    for name in (
+        "base_problems",
+        "train_problems",
+        "test_problems",
+        "ood_problems",
+        "val_problems",
+        "num_layers",
+        "hidden_size",
+        "max_new_tokens",
+    ):
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            default=None,
+            help=f"default {getattr(d, name)}",
+        )
     for name in ("base_epochs", "finetune_epochs", "base_lr"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=None,
-                       help=f"default {getattr(d, name)}")
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=float,
+            default=None,
+            help=f"default {getattr(d, name)}",
+        )
     return p
 
 
@@ -69,32 +131,57 @@ def _parse_lrs(text: str) -> tuple[float, ...]:
     try:
         lrs = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise SystemExit(f"megatron-rift demo: --sweep-lrs {text!r} is not a comma-separated list "
-                         "of numbers (e.g. 3e-5,1e-4,3e-4)") from None
+        raise SystemExit(
+            f"megatron-rift demo: --sweep-lrs {text!r} is not a comma-separated list "
+            "of numbers (e.g. 3e-5,1e-4,3e-4)"
+        ) from None
     if not lrs or any(not lr > 0 for lr in lrs):
-        raise SystemExit(f"megatron-rift demo: --sweep-lrs {text!r}: give one or more positive rates")
+        raise SystemExit(
+            f"megatron-rift demo: --sweep-lrs {text!r}: give one or more positive rates"
+        )
     return lrs
 
 
 def config_from_args(args) -> DemoConfig:
     out = args.output_dir or f"demo_runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
     text = args.methods or ",".join(MINIATURE_METHODS if args.miniature else DEFAULT_METHODS)
-    methods = (tuple(METHODS) if text.strip() == "all" else
-               tuple(m.strip() for m in text.split(",") if m.strip()))
+    methods = (
+        tuple(METHODS)
+        if text.strip() == "all"
+        else tuple(m.strip() for m in text.split(",") if m.strip())
+    )
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise SystemExit(f"megatron-rift demo: unknown method(s) {unknown}; choose from {list(METHODS)}")
-    cfg = DemoConfig(output_dir=out, seed=args.seed, problems_file=args.problems, methods=methods,
-                     sweep_lr=args.sweep_lr, sweep_lrs=_parse_lrs(args.sweep_lrs), rounds=args.rounds,
-                     tensor_parallel=args.tensor_model_parallel_size,
-                     samples_per_problem=args.samples_per_problem)
+        raise SystemExit(
+            f"megatron-rift demo: unknown method(s) {unknown}; choose from {list(METHODS)}"
+        )
+    cfg = DemoConfig(
+        output_dir=out,
+        seed=args.seed,
+        problems_file=args.problems,
+        methods=methods,
+        sweep_lr=args.sweep_lr,
+        sweep_lrs=_parse_lrs(args.sweep_lrs),
+        rounds=args.rounds,
+        tensor_parallel=args.tensor_model_parallel_size,
+        samples_per_problem=args.samples_per_problem,
+    )
     if args.miniature:
         cfg = dataclasses.replace(cfg, **MINIATURE)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)
-                 if getattr(args, f.name, None) is not None and f.name not in ("output_dir", "seed")}
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(DemoConfig)
+        if getattr(args, f.name, None) is not None and f.name not in ("output_dir", "seed")
+    }
     overrides.pop("methods", None)
-    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items()
-                                       if k not in ("problems_file", "sweep_lr", "sweep_lrs", "rounds")})
+    return dataclasses.replace(
+        cfg,
+        **{
+            k: v
+            for k, v in overrides.items()
+            if k not in ("problems_file", "sweep_lr", "sweep_lrs", "rounds")
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,8 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     # Megatron-Core warns at import that it falls back to torch without TE/Apex: expected on the
     # CPU machine this demo is sized for, and it would break into the progress bar. The trainer's
     # own logs keep the warning.
-    warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex (are|is) not installed",
-                            category=UserWarning)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"(Transformer Engine and )?Apex (are|is) not installed",
+        category=UserWarning,
+    )
     cfg = config_from_args(args)
     if args.problems:
         from megatron_rift.demo.task import ProblemsFileError, load_problems_file
@@ -136,12 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.md").write_text(table + "\n")
     write_results(out, summary, per_seed, dataclasses.asdict(cfg), k)
     png = plot(out, summary, k, out / f"seed{cfg.seed}")
-    print(f"\nMean@{k} / Pass@{k} (%), {len(per_seed)} seed(s), "
-          f"{time.perf_counter() - start:.0f} s:\n\n{table}\n")
+    print(
+        f"\nMean@{k} / Pass@{k} (%), {len(per_seed)} seed(s), "
+        f"{time.perf_counter() - start:.0f} s:\n\n{table}\n"
+    )
     stats = per_seed[0]["data"]
-    print(f"rollouts from the base (seed {cfg.seed}): {stats.get('rollouts')} "
-          f"({100 * stats.get('positive_fraction', 0):.1f}% correct), mixed problems "
-          f"{100 * stats.get('mixed_fraction', 0):.1f}%")
+    print(
+        f"rollouts from the base (seed {cfg.seed}): {stats.get('rollouts')} "
+        f"({100 * stats.get('positive_fraction', 0):.1f}% correct), mixed problems "
+        f"{100 * stats.get('mixed_fraction', 0):.1f}%"
+    )
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}" + (f", {png}" if png else ""))
     print(json.dumps({"lrs": per_seed[0]["lrs"]}))
     return 0

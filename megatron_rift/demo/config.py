@@ -8,37 +8,38 @@ from __future__ import annotations
 
 import dataclasses
 
-# method -> (training data, objective). "expert": the train problems' ground-truth solutions written
-# in an expert style of their own (as MATH's reference solutions differ from a model's own);
-# "rollouts": the base model's own K samples with constant rewards +1 / -0.2; "positives": only the
-# correct rollouts (RFT's dataset); "pairs": each rollout against its problem's expert solution,
-# the rollout preferred when correct (paper section 4.1's DPO pairs). DPO and KTO use reference
-# log-probs of the base, precomputed once per dataset (tools/compute_ref_logprobs.py).
-METHODS = {
-    "sft": ("expert", "sft"),
-    "dft": ("expert", "dft"),
-    "rft": ("positives", "rft"),
-    "rift": ("rollouts", "rift"),
-    "naive": ("rollouts", "naive"),
-    "dpo": ("pairs", "dpo"),
-    "kto": ("rollouts", "kto"),
-    "simpo": ("pairs", "simpo"),
-}
-# The default run: the paper's main comparison (tables 2-3) plus the naive loss. KTO and SimPO (its
-# tables 9-10) are opt-in (`--methods all`), which keeps the default run within 15 minutes on 2 cores.
-DEFAULT_METHODS = ("sft", "dft", "rft", "rift", "naive", "dpo")
-REFERENCE_METHODS = ("dpo", "kto")
-# The preference baselines take RIFT's learning rate, as the paper gives DPO RIFT's (2e-6).
-SAME_LR_AS_RIFT = ("naive", "dpo", "kto", "simpo")
+from megatron_rift.objectives import Objective, Unit, objective_names, objectives
 
-# Each method's learning rate, chosen by `--sweep-lr` on the validation split of the built-in task
-# (seed 0; never the test splits). Validation Mean@8 (%) at 3e-5 / 1e-4 / 3e-4:
+
+# Each method is a registered objective; what it trains on follows from the objective's entry.
+# "expert": the train problems' ground-truth solutions written in an expert style of their own (as
+# MATH's reference solutions differ from a model's own), for objectives that use no rewards;
+# "positives": only the correct rollouts (RFT's dataset); "pairs": each rollout against its
+# problem's expert solution, the rollout preferred when correct (paper section 4.1's DPO pairs);
+# "rollouts": the base model's own K samples with constant rewards +1 / -0.2. DPO and KTO use
+# reference log-probs of the base, precomputed once per dataset (tools/compute_ref_logprobs.py).
+def training_data(objective: Objective) -> str:
+    """Which of the demo's datasets ``objective`` trains on."""
+    if objective.unit is Unit.PAIR:
+        return "pairs"
+    if not objective.uses_rewards:
+        return "expert"
+    return "positives" if objective.positives_only else "rollouts"
+
+
+METHODS = objective_names()
+# The default run: the objectives marked ``in_demo`` in the registry (the paper's main comparison,
+# tables 2-3, plus the naive loss). KTO and SimPO (its tables 9-10) are opt-in (`--methods all`),
+# which keeps the default run within 15 minutes on 2 cores.
+DEFAULT_METHODS = tuple(o.name for o in objectives() if o.in_demo)
+
+# Every method's learning rate, chosen by `--sweep-lr` on the validation split of the built-in
+# task (seed 0; never the test splits). Validation Mean@8 (%) at 3e-5 / 1e-4 / 3e-4:
 #   sft 39.3 / 37.3 / 28.5, dft 39.1 / 37.5 / 31.1, rft 38.5 / 38.3 / 38.1, rift 38.1 / 35.4 / 28.7.
 # Every method chose the smallest rate: on this task fine-tuning mostly costs accuracy (README, "The
-# demo"). naive and the preference baselines take RIFT's rate (SAME_LR_AS_RIFT). The paper's values
-# (2e-6 / 1e-5) are for billion-parameter models and far too small for this ~1M-parameter model.
-DEFAULT_METHOD_LR = {"sft": 3e-5, "dft": 3e-5, "rft": 3e-5, "rift": 3e-5, "naive": 3e-5,
-                     "dpo": 3e-5, "kto": 3e-5, "simpo": 3e-5}
+# demo"). The paper's values (2e-6 / 1e-5) are for billion-parameter models and far too small for
+# this ~1M-parameter model.
+DEFAULT_METHOD_LR = 3e-5
 # The grid `--sweep-lr` tries (`--sweep-lrs` changes it). At 3e-4 (the base's final lr) every method
 # fell below the base on the built-in task, so the grid reaches a decade lower.
 SWEEP_LRS = (3e-5, 1e-4, 3e-4)
@@ -82,7 +83,9 @@ class DemoConfig:
     finetune_epochs: float = 3.0
     finetune_global_batch: int = 64
     micro_batch_size: int = 16
-    method_lr: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_METHOD_LR))
+    method_lr: dict = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(objective_names(), DEFAULT_METHOD_LR)
+    )
     methods: tuple = DEFAULT_METHODS
     sweep_lr: bool = False
     sweep_lrs: tuple = SWEEP_LRS

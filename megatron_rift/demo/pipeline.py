@@ -20,22 +20,36 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from megatron_rift.demo import stages
-from megatron_rift.demo.config import METHODS, REFERENCE_METHODS, SAME_LR_AS_RIFT, DemoConfig
+from megatron_rift.demo.config import DemoConfig, training_data
 from megatron_rift.demo.task import Problem, generate_splits, load_problems_file, task_texts
 from megatron_rift.demo.tokenizer import train_demo_tokenizer
 from megatron_rift.evaluation import evaluate_files, results_dict
+from megatron_rift.objectives import RIFT, SFT, get_objective
 
 EVAL_SPLITS = ("test", "ood")
 
 
+def _source(method: str) -> str:
+    """The demo dataset a method (an objective's name) trains on."""
+    return training_data(get_objective(method))
+
+
 def build_splits(cfg: DemoConfig, seed: int) -> dict[str, list[Problem]]:
     if cfg.problems_file is None:
-        return generate_splits(seed=seed, sizes={
-            "base": cfg.base_problems, "train": cfg.train_problems, "val": cfg.val_problems,
-            "test": cfg.test_problems, "ood": cfg.ood_problems})
+        return generate_splits(
+            seed=seed,
+            sizes={
+                "base": cfg.base_problems,
+                "train": cfg.train_problems,
+                "val": cfg.val_problems,
+                "test": cfg.test_problems,
+                "ood": cfg.ood_problems,
+            },
+        )
     problems = load_problems_file(cfg.problems_file)
-    splits: dict[str, list[Problem]] = {s: [p for p in problems if p.split == s]
-                                        for s in ("train", "val", "test", "ood")}
+    splits: dict[str, list[Problem]] = {
+        s: [p for p in problems if p.split == s] for s in ("train", "val", "test", "ood")
+    }
     # A user's file has no pretraining split: half of the train problems that carry a solution
     # pretrain the tiny base, the rest are post-training problems (as the built-in task keeps
     # "base" and "train" apart).
@@ -48,14 +62,23 @@ def build_splits(cfg: DemoConfig, seed: int) -> dict[str, list[Problem]]:
         splits["val"] = splits["train"][: max(1, len(splits["train"]) // 5)]
     for needed in ("base", "train", "test"):
         if not splits[needed]:
-            raise ValueError(f"{cfg.problems_file}: the demo needs {needed!r} problems "
-                             "(train records with a 'solution' pretrain the base; add split "
-                             "'train' and 'test' records)")
+            raise ValueError(
+                f"{cfg.problems_file}: the demo needs {needed!r} problems "
+                "(train records with a 'solution' pretrain the base; add split "
+                "'train' and 'test' records)"
+            )
     return splits
 
 
-def evaluate_model(hf_dir: Path, splits: dict[str, list[Problem]], names: tuple[str, ...],
-                   cfg: DemoConfig, out: Path, method: str, seed: int) -> dict:
+def evaluate_model(
+    hf_dir: Path,
+    splits: dict[str, list[Problem]],
+    names: tuple[str, ...],
+    cfg: DemoConfig,
+    out: Path,
+    method: str,
+    seed: int,
+) -> dict:
     """Sample K per problem on each split in ``names``; Mean@K / Pass@K per split."""
     paths = []
     for split in names:
@@ -63,7 +86,9 @@ def evaluate_model(hf_dir: Path, splits: dict[str, list[Problem]], names: tuple[
             path = out / f"{split}.jsonl"
             stages.sample(hf_dir, splits[split], cfg, path, seed=seed + 1000, show_progress=False)
             paths.append(path)
-    return results_dict(evaluate_files(paths, k=cfg.samples_per_problem), cfg.samples_per_problem, method)
+    return results_dict(
+        evaluate_files(paths, k=cfg.samples_per_problem), cfg.samples_per_problem, method
+    )
 
 
 class DemoRun:
@@ -90,16 +115,30 @@ class DemoRun:
             self._stage(bar, "task + tokenizer")
             splits = build_splits(cfg, self.seed)
             stages.save_problems(splits, d / "problems")
-            tok = train_demo_tokenizer(task_texts(p for s in splits.values() for p in s), d / "tokenizer")
+            tok = train_demo_tokenizer(
+                task_texts(p for s in splits.values() for p in s), d / "tokenizer"
+            )
             self._done(bar, "task + tokenizer")
 
             self._stage(bar, "base model")
             base_data = d / "data" / "base"
-            stages.pack([stages.write_sft_records(splits["base"], d / "records" / "base.jsonl", "model")],
-                        base_data, tok, cfg)
+            stages.pack(
+                [stages.write_sft_records(splits["base"], d / "records" / "base.jsonl", "model")],
+                base_data,
+                tok,
+                cfg,
+            )
             base_ckpt = d / "base" / "ckpt"
-            stages.train(cfg, base_data, base_ckpt, "sft", cfg.base_lr, cfg.base_epochs,
-                         cfg.base_global_batch, d / "base")
+            stages.train(
+                cfg,
+                base_data,
+                base_ckpt,
+                SFT.name,
+                cfg.base_lr,
+                cfg.base_epochs,
+                cfg.base_global_batch,
+                d / "base",
+            )
             base_hf = stages.export_hf(base_ckpt, d / "base" / "hf", d / "base")
             self._done(bar, "base model")
 
@@ -107,51 +146,62 @@ class DemoRun:
             rollouts = d / "rollouts" / "train.jsonl"
             stages.sample(base_hf, splits["train"], cfg, rollouts, seed=self.seed)
             data = self._pack_post_training(splits, rollouts, tok)
-            for name in sorted({METHODS[m][0] for m in methods if m in REFERENCE_METHODS}):
+            for name in sorted({_source(m) for m in methods if get_objective(m).reference}):
                 if data.get(name) is not None:  # the base scores them once (DPO/KTO reference)
                     stages.compute_ref_logprobs(base_ckpt, data[name], cfg, d / "base")
             self._done(bar, "rollouts")
 
             self._stage(bar, "evaluate base")
-            results = {"base": evaluate_model(base_hf, splits, EVAL_SPLITS, cfg, d / "base" / "eval",
-                                              "base", self.seed)}
+            results = {
+                "base": evaluate_model(
+                    base_hf, splits, EVAL_SPLITS, cfg, d / "base" / "eval", "base", self.seed
+                )
+            }
             self._done(bar, "evaluate base")
 
             lrs = dict(cfg.method_lr)
             if cfg.sweep_lr:
                 self._stage(bar, "lr sweep (validation split)")
-                swept = [m for m in methods if m not in SAME_LR_AS_RIFT or "rift" not in methods]
-                lrs.update(self._sweep(splits, data, base_ckpt, swept))
-                if "rift" in lrs:
-                    lrs.update({m: lrs["rift"] for m in methods if m in SAME_LR_AS_RIFT})
+                lrs.update(self._sweep(splits, data, base_ckpt, methods))
                 self._done(bar, "lr sweep (validation split)")
 
             for method in methods:
                 self._stage(bar, method)
-                if data[METHODS[method][0]] is None:
+                if data[_source(method)] is None:
                     self.skipped[method] = "the base produced no correct rollout to train on"
                 else:
                     results[method] = self._finetune_and_evaluate(
-                        method, lrs[method], data, base_ckpt, splits, d / "methods" / method)
+                        method, lrs[method], data, base_ckpt, splits, d / "methods" / method
+                    )
                 self._done(bar, method)
 
-            if cfg.rounds > 1 and "rift" in methods:
-                self._stage(bar, "rift round 2")
-                results["rift (round 2)"] = self._second_round(splits, tok, lrs["rift"])
-                self._done(bar, "rift round 2")
-        return {"results": results, "lrs": lrs, "data": self.data_stats, "timings_s": self.timings,
-                "skipped": self.skipped}
+            if cfg.rounds > 1 and RIFT.name in methods:
+                self._stage(bar, f"{RIFT.name} round 2")
+                results[f"{RIFT.name} (round 2)"] = self._second_round(splits, tok, lrs[RIFT.name])
+                self._done(bar, f"{RIFT.name} round 2")
+        return {
+            "results": results,
+            "lrs": lrs,
+            "data": self.data_stats,
+            "timings_s": self.timings,
+            "skipped": self.skipped,
+        }
 
     def _pack_post_training(self, splits, rollouts: Path, tok: Path) -> dict[str, Path]:
         cfg, d = self.cfg, self.dir
         expert = stages.write_sft_records(splits["train"], d / "records" / "expert.jsonl", "expert")
-        data = {"expert": d / "data" / "expert", "rollouts": d / "data" / "rollouts",
-                "positives": d / "data" / "positives", "pairs": d / "data" / "pairs"}
+        data = {
+            "expert": d / "data" / "expert",
+            "rollouts": d / "data" / "rollouts",
+            "positives": d / "data" / "positives",
+            "pairs": d / "data" / "pairs",
+        }
         stages.pack([expert], data["expert"], tok, cfg)
         trainable, empty = stages.drop_empty_responses(rollouts)
-        if any(METHODS[m][0] == "pairs" for m in cfg.methods):
-            paired = stages.write_pair_records(trainable, splits["train"],
-                                               d / "records" / "pairs.jsonl")
+        if any(_source(m) == "pairs" for m in cfg.methods):
+            paired = stages.write_pair_records(
+                trainable, splits["train"], d / "records" / "pairs.jsonl"
+            )
             stages.pack_pairs([paired], data["pairs"], tok, cfg)
         self.data_stats = stages.pack([trainable], data["rollouts"], tok, cfg)
         self.data_stats["empty_responses_dropped"] = empty
@@ -161,14 +211,26 @@ class DemoRun:
             data["positives"] = None  # RFT has nothing to train on: recorded, not an error
         return data
 
-    def _finetune_and_evaluate(self, method, lr, data, start_ckpt, splits, folder: Path,
-                               eval_splits=EVAL_SPLITS) -> dict:
-        source, objective = METHODS[method]
+    def _finetune_and_evaluate(
+        self, method, lr, data, start_ckpt, splits, folder: Path, eval_splits=EVAL_SPLITS
+    ) -> dict:
+        source, objective = _source(method), method
         ckpt = folder / "ckpt"
-        stages.train(self.cfg, data[source], ckpt, objective, lr, self.cfg.finetune_epochs,
-                     self.cfg.finetune_global_batch, folder, pretrained=start_ckpt)
+        stages.train(
+            self.cfg,
+            data[source],
+            ckpt,
+            objective,
+            lr,
+            self.cfg.finetune_epochs,
+            self.cfg.finetune_global_batch,
+            folder,
+            pretrained=start_ckpt,
+        )
         hf = stages.export_hf(ckpt, folder / "hf", folder)
-        result = evaluate_model(hf, splits, eval_splits, self.cfg, folder / "eval", method, self.seed)
+        result = evaluate_model(
+            hf, splits, eval_splits, self.cfg, folder / "eval", method, self.seed
+        )
         result["lr"] = lr
         return result
 
@@ -176,27 +238,34 @@ class DemoRun:
         """Each method's lr by validation Mean@K (never the test splits)."""
         chosen = {}
         for method in methods:
-            if data[METHODS[method][0]] is None:
+            if data[_source(method)] is None:
                 continue
             scores = {}
             for lr in self.cfg.sweep_lrs:
                 folder = self.dir / "sweep" / f"{method}_lr{lr:g}"
-                result = self._finetune_and_evaluate(method, lr, data, base_ckpt, splits, folder,
-                                                     eval_splits=("val",))
+                result = self._finetune_and_evaluate(
+                    method, lr, data, base_ckpt, splits, folder, eval_splits=("val",)
+                )
                 scores[lr] = result["average"]["mean_at_k"]
             chosen[method] = max(scores, key=scores.get)
             (self.dir / "sweep").mkdir(exist_ok=True)
             with open(self.dir / "sweep" / "scores.jsonl", "a") as f:
-                f.write(json.dumps({"method": method, "val_mean_at_k": scores,
-                                    "chosen_lr": chosen[method]}) + "\n")
+                f.write(
+                    json.dumps(
+                        {"method": method, "val_mean_at_k": scores, "chosen_lr": chosen[method]}
+                    )
+                    + "\n"
+                )
         return chosen
 
     def _second_round(self, splits, tok: Path, lr: float) -> dict:
         """Iterative RIFT (paper appendix A.2): new rollouts from the round-1 RIFT model, train again."""
         d = self.dir / "round2"
-        first = self.dir / "methods" / "rift"
+        first = self.dir / "methods" / RIFT.name
         rollouts = d / "rollouts.jsonl"
         stages.sample(first / "hf", splits["train"], self.cfg, rollouts, seed=self.seed + 1)
         data = {"rollouts": d / "data" / "rollouts"}
         stages.pack([stages.drop_empty_responses(rollouts)[0]], data["rollouts"], tok, self.cfg)
-        return self._finetune_and_evaluate("rift", lr, data, first / "ckpt", splits, d / "rift")
+        return self._finetune_and_evaluate(
+            RIFT.name, lr, data, first / "ckpt", splits, d / RIFT.name
+        )

@@ -26,7 +26,9 @@ def aggregate(per_seed: list[dict], k: int) -> dict:
             entry = {}
             for name, values in (("mean", cell["mean"]), ("pass", cell["pass"])):
                 entry[f"{name}@{k}"] = round(statistics.fmean(values), 2)
-                entry[f"{name}@{k}_std"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+                entry[f"{name}@{k}_std"] = (
+                    round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+                )
                 entry[f"{name}@{k}_per_seed"] = [round(v, 2) for v in values]
             out[method][split] = entry
     _add_change_from_base(out, k)
@@ -45,8 +47,9 @@ def _add_change_from_base(out: dict, k: int) -> None:
                 continue
             deltas = [v - b for v, b in zip(values, reference)]
             entry[f"mean@{k}_change_from_base"] = round(statistics.fmean(deltas), 2)
-            entry[f"mean@{k}_change_from_base_std"] = (round(statistics.stdev(deltas), 2)
-                                                       if len(deltas) > 1 else 0.0)
+            entry[f"mean@{k}_change_from_base_std"] = (
+                round(statistics.stdev(deltas), 2) if len(deltas) > 1 else 0.0
+            )
 
 
 def markdown(summary: dict, k: int, num_seeds: int) -> str:
@@ -73,16 +76,26 @@ def markdown(summary: dict, k: int, num_seeds: int) -> str:
             for s in splits:
                 e = per_split.get(s) or {}
                 change = e.get(f"mean@{k}_change_from_base")
-                cells.append("-" if change is None else
-                             f"{change:+.1f} ± {e[f'mean@{k}_change_from_base_std']:.1f}")
+                cells.append(
+                    "-"
+                    if change is None
+                    else f"{change:+.1f} ± {e[f'mean@{k}_change_from_base_std']:.1f}"
+                )
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def write_results(out_dir: Path, summary: dict, per_seed: list[dict], config: dict, k: int) -> Path:
     path = out_dir / "results.json"
-    payload = {"k": k, "seeds": len(per_seed), "methods": summary, "config": config,
-               "per_seed": [{key: run[key] for key in ("lrs", "data", "timings_s", "skipped")} for run in per_seed]}
+    payload = {
+        "k": k,
+        "seeds": len(per_seed),
+        "methods": summary,
+        "config": config,
+        "per_seed": [
+            {key: run[key] for key in ("lrs", "data", "timings_s", "skipped")} for run in per_seed
+        ],
+    }
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
@@ -120,8 +133,10 @@ def plot(out_dir: Path, summary: dict, k: int, seed_dir: Path) -> Path | None:
     width = 0.8 / max(1, len(splits))
     for i, split in enumerate(splits):
         values = [summary[m].get(split, {}).get(key, 0.0) for m in methods]
-        errors = [summary[m].get(split, {}).get(f"{key}_std" if paired else f"mean@{k}_std", 0.0)
-                  for m in methods]
+        errors = [
+            summary[m].get(split, {}).get(f"{key}_std" if paired else f"mean@{k}_std", 0.0)
+            for m in methods
+        ]
         xs = [j + (i - (len(splits) - 1) / 2) * width for j in range(len(methods))]
         acc.bar(xs, values, width, yerr=errors, capsize=3, label=SPLIT_LABELS[split])
     acc.set_xticks(range(len(methods)), methods, rotation=20)

@@ -16,12 +16,33 @@ from pathlib import Path
 
 from megatron_rift.demo.config import DemoConfig
 from megatron_rift.demo.task import Problem, write_problems_jsonl
+from megatron_rift.training.config import (
+    ArchitectureConfig,
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    ObjectiveConfig,
+    OptimConfig,
+    ParallelConfig,
+    ScheduleConfig,
+    TrainConfig,
+    save_config,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-_LAUNCHER_VARIABLES = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                       "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"}
+_LAUNCHER_VARIABLES = {
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "TORCHELASTIC_RUN_ID",
+}
 
 
 class StageError(RuntimeError):
@@ -38,8 +59,10 @@ def _run(cmd: list[str], log_path: Path, what: str) -> None:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-25:]
-        raise StageError(f"{what} failed (exit {proc.returncode}); full log: {log_path}\n"
-                         f"command: {' '.join(cmd)}\n" + "\n".join(tail))
+        raise StageError(
+            f"{what} failed (exit {proc.returncode}); full log: {log_path}\n"
+            f"command: {' '.join(cmd)}\n" + "\n".join(tail)
+        )
 
 
 def write_sft_records(problems: list[Problem], path: Path, style: str) -> Path:
@@ -53,22 +76,43 @@ def write_sft_records(problems: list[Problem], path: Path, style: str) -> Path:
         for p in problems:
             solution = p.solution if style == "model" else (p.expert_solution or p.solution)
             if solution:
-                f.write(json.dumps({"prompt": p.prompt, "response": solution, "reward": 1.0,
-                                    "prompt_id": p.prompt_id}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "prompt": p.prompt,
+                            "response": solution,
+                            "reward": 1.0,
+                            "prompt_id": p.prompt_id,
+                        }
+                    )
+                    + "\n"
+                )
     tmp.replace(path)
     return path
 
 
-def pack(inputs: list[Path], prefix: Path, tokenizer_dir: Path, cfg: DemoConfig,
-         keep: str = "all") -> dict:
+def pack(
+    inputs: list[Path], prefix: Path, tokenizer_dir: Path, cfg: DemoConfig, keep: str = "all"
+) -> dict:
     from megatron_rift.data.packing import PackConfig, pack_rollouts
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    return pack_rollouts(PackConfig(
-        inputs=[str(p) for p in inputs], output_prefix=str(prefix), tokenizer=str(tokenizer_dir),
-        max_seq_length=cfg.seq_length, overlong="truncate", reward_scheme="constant",
-        positive_reward=cfg.positive_reward, negative_reward=cfg.negative_reward, keep=keep,
-        overwrite=True, seed=cfg.seed, progress=False))
+    return pack_rollouts(
+        PackConfig(
+            inputs=[str(p) for p in inputs],
+            output_prefix=str(prefix),
+            tokenizer=str(tokenizer_dir),
+            max_seq_length=cfg.seq_length,
+            overlong="truncate",
+            reward_scheme="constant",
+            positive_reward=cfg.positive_reward,
+            negative_reward=cfg.negative_reward,
+            keep=keep,
+            overwrite=True,
+            seed=cfg.seed,
+            progress=False,
+        )
+    )
 
 
 def fit_batch(data_prefix: Path, global_batch: int, micro_batch: int) -> tuple[int, int]:
@@ -81,55 +125,116 @@ def fit_batch(data_prefix: Path, global_batch: int, micro_batch: int) -> tuple[i
     return global_batch - global_batch % micro_batch, micro_batch
 
 
-def architecture_flags(cfg: DemoConfig) -> list[str]:
-    return ["--num-layers", str(cfg.num_layers), "--hidden-size", str(cfg.hidden_size),
-            "--num-attention-heads", str(cfg.num_attention_heads),
-            "--num-query-groups", str(cfg.num_query_groups),
-            "--ffn-hidden-size", str(cfg.ffn_hidden_size),
-            # Generation runs past the training length (prompt + max_new_tokens).
-            "--max-position-embeddings", str(cfg.seq_length + cfg.max_new_tokens)]
+def architecture(cfg: DemoConfig) -> ArchitectureConfig:
+    """The tiny base model's shape (Llama-style: RMSNorm, SwiGLU, RoPE, GQA)."""
+    return ArchitectureConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        # Generation runs past the training length (prompt + max_new_tokens).
+        max_position_embeddings=cfg.seq_length + cfg.max_new_tokens,
+    )
 
 
-def train(cfg: DemoConfig, data_prefix: Path, save: Path, objective: str, lr: float,
-          epochs: float, global_batch: int, log_dir: Path, pretrained: Path | None = None,
-          seed: int | None = None) -> Path:
-    """Run the trainer; returns its metrics.jsonl. From scratch when ``pretrained`` is None."""
-    metrics = log_dir / "metrics.jsonl"
+def train_config(
+    cfg: DemoConfig,
+    data_prefix: Path,
+    save: Path,
+    objective: str,
+    lr: float,
+    epochs: float,
+    global_batch: int,
+    log_dir: Path,
+    pretrained: Path | None = None,
+    seed: int | None = None,
+) -> TrainConfig:
+    """The trainer's configuration for one demo run: the paper's recipe scaled down (AdamW,
+    cosine to lr/10, 5% warmup, no weight decay, gradient clip 1)."""
     global_batch, micro_batch = fit_batch(data_prefix, global_batch, cfg.micro_batch_size)
-    launcher = [sys.executable, "-m", "megatron_rift.train"]
-    if cfg.tensor_parallel > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={cfg.tensor_parallel}", "-m", "megatron_rift.train"]
-    cmd = launcher + [
-        "--data-path", str(data_prefix), "--objective", objective, "--lr", str(lr),
-        "--min-lr", str(lr / 10), "--lr-decay-style", "cosine", "--lr-warmup-fraction", "0.05",
-        "--epochs", str(epochs), "--global-batch-size", str(global_batch),
-        "--micro-batch-size", str(micro_batch),
-        "--seq-length", str(cfg.seq_length), "--weight-decay", "0.0", "--clip-grad", "1.0",
-        "--tensor-model-parallel-size", str(cfg.tensor_parallel),
-        "--seed", str(cfg.seed if seed is None else seed),
-        "--save", str(save), "--log-file", str(metrics), "--log-interval", "10",
+    return TrainConfig(
+        data=DataConfig(data_path=str(data_prefix), seq_length=cfg.seq_length),
+        objective=ObjectiveConfig(name=objective),
+        parallel=ParallelConfig(tensor_model_parallel_size=cfg.tensor_parallel),
+        schedule=ScheduleConfig(
+            micro_batch_size=micro_batch,
+            global_batch_size=global_batch,
+            epochs=epochs,
+            seed=cfg.seed if seed is None else seed,
+        ),
+        optimizer=OptimConfig(
+            lr=lr,
+            min_lr=lr / 10,
+            lr_decay_style="cosine",
+            lr_warmup_fraction=0.05,
+            weight_decay=0.0,
+            clip_grad=1.0,
+        ),
+        architecture=architecture(cfg) if pretrained is None else ArchitectureConfig(),
+        checkpoint=CheckpointConfig(
+            save=str(save), pretrained_checkpoint=None if pretrained is None else str(pretrained)
+        ),
+        logging=LoggingConfig(log_file=str(log_dir / "metrics.jsonl"), log_interval=10),
+    )
+
+
+def _launcher(cfg: DemoConfig) -> list[str]:
+    if cfg.tensor_parallel == 1:
+        return [sys.executable]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={cfg.tensor_parallel}",
     ]
-    if pretrained is None:
-        cmd += architecture_flags(cfg)
-    else:
-        cmd += ["--pretrained-checkpoint", str(pretrained)]
+
+
+def train(
+    cfg: DemoConfig,
+    data_prefix: Path,
+    save: Path,
+    objective: str,
+    lr: float,
+    epochs: float,
+    global_batch: int,
+    log_dir: Path,
+    pretrained: Path | None = None,
+    seed: int | None = None,
+) -> Path:
+    """Run the trainer; returns its metrics.jsonl. From scratch when ``pretrained`` is None."""
+    config = train_config(
+        cfg, data_prefix, save, objective, lr, epochs, global_batch, log_dir, pretrained, seed
+    )
+    config_file = save_config(config, log_dir / "train_config.json")
+    cmd = _launcher(cfg) + ["-m", "megatron_rift.train", "--config", str(config_file)]
     _run(cmd, log_dir / "train.log", f"training ({objective})")
-    return metrics
+    return Path(config.logging.log_file)
 
 
 def compute_ref_logprobs(ckpt: Path, data_prefix: Path, cfg: DemoConfig, log_dir: Path) -> None:
     """The base model's log-probs over a packed dataset, once, for DPO/KTO (PREFIX.ref_logprobs)."""
-    launcher = [sys.executable]
-    if cfg.tensor_parallel > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone",
-                     f"--nproc_per_node={cfg.tensor_parallel}"]
-    cmd = launcher + [str(REPO / "tools" / "compute_ref_logprobs.py"), "--load", str(ckpt),
-                      "--data-path", str(data_prefix), "--seq-length", str(cfg.seq_length),
-                      "--micro-batch-size", str(cfg.micro_batch_size),
-                      "--tensor-model-parallel-size", str(cfg.tensor_parallel),
-                      "--overwrite", "--no-progress"]
-    _run(cmd, log_dir / f"ref_logprobs_{data_prefix.name}.log", f"reference log-probs of {data_prefix}")
+    cmd = _launcher(cfg) + [
+        str(REPO / "tools" / "compute_ref_logprobs.py"),
+        "--load",
+        str(ckpt),
+        "--data-path",
+        str(data_prefix),
+        "--seq-length",
+        str(cfg.seq_length),
+        "--micro-batch-size",
+        str(cfg.micro_batch_size),
+        "--tensor-model-parallel-size",
+        str(cfg.tensor_parallel),
+        "--overwrite",
+        "--no-progress",
+    ]
+    _run(
+        cmd,
+        log_dir / f"ref_logprobs_{data_prefix.name}.log",
+        f"reference log-probs of {data_prefix}",
+    )
 
 
 def write_pair_records(rollouts: Path, problems: list[Problem], path: Path) -> Path:
@@ -149,11 +254,21 @@ def pack_pairs(inputs: list[Path], prefix: Path, tokenizer_dir: Path, cfg: DemoC
     from megatron_rift.data.packing import PackConfig, pack_rollouts
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    return pack_rollouts(PackConfig(
-        inputs=[str(p) for p in inputs], output_prefix=str(prefix), tokenizer=str(tokenizer_dir),
-        max_seq_length=cfg.seq_length, overlong="drop", pairs="ground-truth",
-        positive_reward=cfg.positive_reward, negative_reward=cfg.negative_reward,
-        overwrite=True, seed=cfg.seed, progress=False))
+    return pack_rollouts(
+        PackConfig(
+            inputs=[str(p) for p in inputs],
+            output_prefix=str(prefix),
+            tokenizer=str(tokenizer_dir),
+            max_seq_length=cfg.seq_length,
+            overlong="drop",
+            pairs="ground-truth",
+            positive_reward=cfg.positive_reward,
+            negative_reward=cfg.negative_reward,
+            overwrite=True,
+            seed=cfg.seed,
+            progress=False,
+        )
+    )
 
 
 def export_hf(ckpt: Path, out: Path, log_dir: Path) -> Path:
@@ -168,7 +283,11 @@ def export_hf(ckpt: Path, out: Path, log_dir: Path) -> Path:
     log_path = log_dir / "export.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # The loader's warnings go to the log, as a subprocess's would, not through the progress bar.
-    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    with (
+        open(log_path, "w") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
         try:
             result = convert_megatron_to_hf(ckpt, out, overwrite=True, show_progress=False)
         except ConversionError as error:
@@ -177,19 +296,47 @@ def export_hf(ckpt: Path, out: Path, log_dir: Path) -> Path:
     return out
 
 
-def sample(hf_dir: Path, problems: list[Problem], cfg: DemoConfig, out: Path, seed: int,
-           show_progress: bool = True) -> list[dict]:
+def sample(
+    hf_dir: Path,
+    problems: list[Problem],
+    cfg: DemoConfig,
+    out: Path,
+    seed: int,
+    show_progress: bool = True,
+) -> list[dict]:
     """K samples per problem, verified with the math verifier; written to ``out`` as JSONL."""
-    from megatron_rift.generation import GenerationProblem, SamplingConfig, generate_rollouts, write_jsonl
+    from megatron_rift.generation import (
+        GenerationProblem,
+        SamplingConfig,
+        generate_rollouts,
+        write_jsonl,
+    )
     from megatron_rift.rewards import get_verifier
 
-    gen_problems = [GenerationProblem(prompt_id=p.prompt_id, prompt=p.prompt, answer=p.answer,
-                                      question=p.question) for p in problems]
+    # p.prompt is rendered with the demo's own task.PROMPT_TEMPLATE (what its base model is
+    # pretrained on), so generation's chat-template / default rendering never applies here.
+    gen_problems = [
+        GenerationProblem(
+            prompt_id=p.prompt_id, prompt=p.prompt, answer=p.answer, question=p.question
+        )
+        for p in problems
+    ]
     records = generate_rollouts(
-        hf_dir, gen_problems, get_verifier("math"),
-        SamplingConfig(num_samples=cfg.samples_per_problem, temperature=cfg.temperature,
-                       top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed),
-        backend="transformers", batch_size=64, device="cpu", show_progress=show_progress)
+        hf_dir,
+        gen_problems,
+        get_verifier("math"),
+        SamplingConfig(
+            num_samples=cfg.samples_per_problem,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=seed,
+        ),
+        backend="transformers",
+        batch_size=64,
+        device="cpu",
+        show_progress=show_progress,
+    )
     write_jsonl(records, out)
     return records
 

@@ -28,11 +28,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from megatron_rift.jsonl import iter_json_objects
 
+# The demo's own prompt format: its base model is pretrained on it and its tokenizer has no chat
+# template. Generation does not default to it; the demo passes prompts rendered with it.
 PROMPT_TEMPLATE = "Q: {question}\nA:"
 SPLITS = ("base", "train", "val", "test", "ood")
 USER_SPLITS = ("train", "val", "test", "ood")
@@ -61,11 +63,25 @@ class Difficulty:
     max_value: int
 
 
-IN_DISTRIBUTION = Difficulty(min_steps=2, max_steps=3, start_low=10, start_high=99, operand_low=2,
-                             operand_high=9, max_value=199)
+IN_DISTRIBUTION = Difficulty(
+    min_steps=2,
+    max_steps=3,
+    start_low=10,
+    start_high=99,
+    operand_low=2,
+    operand_high=9,
+    max_value=199,
+)
 # Harder by construction: more operations and larger intermediate values.
-OUT_OF_DISTRIBUTION = Difficulty(min_steps=4, max_steps=5, start_low=10, start_high=99, operand_low=2,
-                                 operand_high=9, max_value=399)
+OUT_OF_DISTRIBUTION = Difficulty(
+    min_steps=4,
+    max_steps=5,
+    start_low=10,
+    start_high=99,
+    operand_low=2,
+    operand_high=9,
+    max_value=399,
+)
 DEFAULT_SIZES = {"base": 20000, "train": 500, "val": 200, "test": 500, "ood": 500}
 # Share of base problems drawn with the OOD shape: the base model has seen a few such problems.
 DEFAULT_BASE_OOD_FRACTION = 0.1
@@ -140,7 +156,7 @@ def expert_solution(start: int, operations: list[tuple[str, int]]) -> str:
     forms, value = [_expression(start, operations)], start
     for index, (symbol, operand) in enumerate(operations):
         value = apply_operation(value, symbol, operand)
-        forms.append(_expression(value, operations[index + 1:]))
+        forms.append(_expression(value, operations[index + 1 :]))
     return " " + " = ".join(forms) + f". So the answer is \\boxed{{{value}}}"
 
 
@@ -151,7 +167,7 @@ def _feasible_operations(value: int, difficulty: Difficulty) -> list[tuple[str, 
         options.append(("+", None))
     if value >= difficulty.operand_low:
         options.append(("-", None))
-    for (symbol, factor) in FACTOR_PHRASES:
+    for symbol, factor in FACTOR_PHRASES:
         if symbol == "*" and value * factor <= difficulty.max_value:
             options.append((symbol, factor))
         if symbol == "/" and value % factor == 0 and value > 0:
@@ -171,8 +187,9 @@ def draw_problem(rng: random.Random, difficulty: Difficulty, prompt_id: str, spl
         symbol = rng.choice(sorted({option[0] for option in options}))
         operand = rng.choice([option[1] for option in options if option[0] == symbol])
         if symbol == "+":
-            operand = rng.randint(difficulty.operand_low,
-                                  min(difficulty.operand_high, difficulty.max_value - value))
+            operand = rng.randint(
+                difficulty.operand_low, min(difficulty.operand_high, difficulty.max_value - value)
+            )
             phrase = rng.choice(ADD_PHRASES).format(n=operand)
         elif symbol == "-":
             operand = rng.randint(difficulty.operand_low, min(difficulty.operand_high, value))
@@ -183,10 +200,16 @@ def draw_problem(rng: random.Random, difficulty: Difficulty, prompt_id: str, spl
         operations.append((symbol, operand))
         value = apply_operation(value, symbol, operand)
     question = " ".join(sentences) + f" How many {item} does {name} have now?"
-    return Problem(prompt_id=prompt_id, split=split, question=question, answer=str(value),
-                   solution=model_solution(start, operations),
-                   expert_solution=expert_solution(start, operations),
-                   start=start, operations=operations)
+    return Problem(
+        prompt_id=prompt_id,
+        split=split,
+        question=question,
+        answer=str(value),
+        solution=model_solution(start, operations),
+        expert_solution=expert_solution(start, operations),
+        start=start,
+        operations=operations,
+    )
 
 
 def _split_difficulty(split: str, rng: random.Random, base_ood_fraction: float) -> Difficulty:
@@ -197,8 +220,11 @@ def _split_difficulty(split: str, rng: random.Random, base_ood_fraction: float) 
     return IN_DISTRIBUTION
 
 
-def generate_splits(seed: int = 0, sizes: dict[str, int] | None = None,
-                    base_ood_fraction: float = DEFAULT_BASE_OOD_FRACTION) -> dict[str, list[Problem]]:
+def generate_splits(
+    seed: int = 0,
+    sizes: dict[str, int] | None = None,
+    base_ood_fraction: float = DEFAULT_BASE_OOD_FRACTION,
+) -> dict[str, list[Problem]]:
     """All five splits, deterministic in ``seed``; ``sizes`` overrides entries of DEFAULT_SIZES.
 
     Returns ``{split: [Problem, ...]}`` with disjoint question texts across splits.
@@ -258,8 +284,9 @@ def _record_text(record: dict, field: str, where: str, required: bool) -> str | 
             raise ProblemsFileError(f"{where}: missing field {field!r}")
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ProblemsFileError(f"{where}: field {field!r} must be a string, got "
-                                f"{type(value).__name__}")
+        raise ProblemsFileError(
+            f"{where}: field {field!r} must be a string, got {type(value).__name__}"
+        )
     text = str(value)
     if required and not text.strip():
         raise ProblemsFileError(f"{where}: field {field!r} is empty")
@@ -280,20 +307,29 @@ def load_problems_file(path: str | Path) -> list[Problem]:
         answer = _record_text(record, "answer", where, required=True)
         split = _record_text(record, "split", where, required=True)
         if split not in USER_SPLITS:
-            raise ProblemsFileError(f"{where}: field 'split' is {split!r}; use one of "
-                                    f"{', '.join(USER_SPLITS)}")
+            raise ProblemsFileError(
+                f"{where}: field 'split' is {split!r}; use one of {', '.join(USER_SPLITS)}"
+            )
         solution = _record_text(record, "solution", where, required=False)
         if solution is not None and not solution.startswith((" ", "\n")):
             solution = " " + solution  # responses follow "A:" after a space, as the demo's do
         prompt_id = _record_text(record, "prompt_id", where, required=False)
         prompt_id = prompt_id or f"{split}-{lineno:06d}"
         if prompt_id in seen_ids:
-            raise ProblemsFileError(f"{where}: prompt_id {prompt_id!r} already used on line "
-                                    f"{seen_ids[prompt_id]}")
+            raise ProblemsFileError(
+                f"{where}: prompt_id {prompt_id!r} already used on line {seen_ids[prompt_id]}"
+            )
         seen_ids[prompt_id] = lineno
-        problems.append(Problem(prompt_id=prompt_id, split=split, question=question,
-                                answer=answer.strip(), solution=solution,
-                                expert_solution=solution))
+        problems.append(
+            Problem(
+                prompt_id=prompt_id,
+                split=split,
+                question=question,
+                answer=answer.strip(),
+                solution=solution,
+                expert_solution=solution,
+            )
+        )
     if not problems:
         raise ProblemsFileError(f"{path}: no problems (the file is empty)")
     return problems

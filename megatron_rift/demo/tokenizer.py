@@ -20,8 +20,8 @@ import io
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import sentencepiece as spm
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers
@@ -44,18 +44,35 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SI
     # Every character seen is a piece, next to the 256 byte pieces and the 4 specials.
     minimum = len(set().union(*map(set, texts))) + 256 + 4
     if vocab_size < minimum:
-        raise ValueError(f"vocab_size={vocab_size} is too small for this text: it needs at least "
-                         f"{minimum} (its distinct characters + 256 byte pieces + 4 specials)")
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small for this text: it needs at least "
+            f"{minimum} (its distinct characters + 256 byte pieces + 4 specials)"
+        )
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, model_type="bpe",
-        vocab_size=vocab_size, hard_vocab_limit=False, character_coverage=1.0,
-        byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=False,
-        pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
-        pad_piece=PAD, bos_piece=BOS, eos_piece=EOS, unk_piece=UNK,
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        pad_id=PAD_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
+        pad_piece=PAD,
+        bos_piece=BOS,
+        eos_piece=EOS,
+        unk_piece=UNK,
         max_sentence_length=1 << 16,
-        num_threads=1, minloglevel=2)
+        num_threads=1,
+        minloglevel=2,
+    )
     return model.getvalue()
 
 
@@ -71,8 +88,11 @@ def sentencepiece_to_tokenizers(model_proto: bytes) -> Tokenizer:
     for piece_id in range(processor.get_piece_size()):
         piece = processor.id_to_piece(piece_id)
         vocab[piece] = piece_id
-        if not (processor.is_byte(piece_id) or processor.is_control(piece_id)
-                or processor.is_unknown(piece_id)):
+        if not (
+            processor.is_byte(piece_id)
+            or processor.is_control(piece_id)
+            or processor.is_unknown(piece_id)
+        ):
             learned.append((-processor.get_score(piece_id), piece_id, piece))
     merges = []
     for _, _, piece in sorted(learned):
@@ -80,16 +100,21 @@ def sentencepiece_to_tokenizers(model_proto: bytes) -> Tokenizer:
             left, right = piece[:split], piece[split:]
             if left in vocab and right in vocab:
                 merges.append((left, right))
-    model = models.BPE(vocab=vocab, merges=merges, unk_token=UNK, byte_fallback=True, fuse_unk=False)
+    model = models.BPE(
+        vocab=vocab, merges=merges, unk_token=UNK, byte_fallback=True, fuse_unk=False
+    )
     tokenizer = Tokenizer(model)
     # SentencePiece with identity normalization only maps " " to "▁" (no dummy prefix).
     tokenizer.normalizer = normalizers.Replace(Regex(" "), "▁")
-    tokenizer.decoder = decoders.Sequence([
-        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
     return tokenizer
 
 
-def save_tokenizer_folder(model_proto: bytes, folder: str | Path, model_max_length: int = 4096) -> Path:
+def save_tokenizer_folder(
+    model_proto: bytes, folder: str | Path, model_max_length: int = 4096
+) -> Path:
     """Write ``tokenizer.model`` + HF files (``tokenizer.json``, configs) into ``folder`` atomically."""
     from transformers import PreTrainedTokenizerFast
 
@@ -98,9 +123,14 @@ def save_tokenizer_folder(model_proto: bytes, folder: str | Path, model_max_leng
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         hf_tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=sentencepiece_to_tokenizers(model_proto), bos_token=BOS, eos_token=EOS,
-            unk_token=UNK, pad_token=PAD, model_max_length=model_max_length,
-            clean_up_tokenization_spaces=False)
+            tokenizer_object=sentencepiece_to_tokenizers(model_proto),
+            bos_token=BOS,
+            eos_token=EOS,
+            unk_token=UNK,
+            pad_token=PAD,
+            model_max_length=model_max_length,
+            clean_up_tokenization_spaces=False,
+        )
         hf_tokenizer.save_pretrained(tmp)
         (tmp / SENTENCEPIECE_FILE).write_bytes(model_proto)
         if folder.exists():
@@ -121,8 +151,10 @@ def check_tokenizer_folder(folder: str | Path, texts: Iterable[str]) -> None:
     hf_tokenizer = AutoTokenizer.from_pretrained(folder)
     processor = spm.SentencePieceProcessor(model_file=str(folder / SENTENCEPIECE_FILE))
     if (hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) != (EOS_ID, PAD_ID):
-        raise ValueError(f"{folder}: eos/pad ids are {hf_tokenizer.eos_token_id}/"
-                         f"{hf_tokenizer.pad_token_id}, expected {EOS_ID}/{PAD_ID}")
+        raise ValueError(
+            f"{folder}: eos/pad ids are {hf_tokenizer.eos_token_id}/"
+            f"{hf_tokenizer.pad_token_id}, expected {EOS_ID}/{PAD_ID}"
+        )
     for text in texts:
         ids = hf_tokenizer.encode(text, add_special_tokens=False)
         problem = None
@@ -136,8 +168,12 @@ def check_tokenizer_folder(folder: str | Path, texts: Iterable[str]) -> None:
             raise ValueError(f"{folder}: the HF tokenizer {problem} for text {text!r}")
 
 
-def train_demo_tokenizer(texts: Iterable[str], folder: str | Path,
-                         vocab_size: int = DEFAULT_VOCAB_SIZE, check_samples: int = 200) -> Path:
+def train_demo_tokenizer(
+    texts: Iterable[str],
+    folder: str | Path,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    check_samples: int = 200,
+) -> Path:
     """Train on ``texts``, save the tokenizer folder and check it on the first ``check_samples`` texts.
 
     Returns the folder; ``AutoTokenizer.from_pretrained(folder)`` loads it.

@@ -14,21 +14,26 @@ from pathlib import Path
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-MODEL_CONFIG_FILE = "model_config.json"
+from megatron_rift.checkpoint_layout import MODEL_CONFIG_FILE
+from megatron_rift.model.device_settings import FusedKernels, default_device, device_settings
 
 
-@dataclasses.dataclass
+# The shape has no defaults (a silent toy model would train): tiny shapes live in tests and the
+# demo. Keyword-only, so the required fields keep their place in model_config.json.
+@dataclasses.dataclass(kw_only=True)
 class GPTArchitecture:
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
     num_query_groups: int | None = None  # GQA: kv heads; None means = num_attention_heads
     ffn_hidden_size: int | None = None  # None means 4 * hidden_size
     kv_channels: int | None = None  # head dim; None means hidden_size // num_attention_heads
-    vocab_size: int = 256  # the tokenizer's vocabulary, before padding for TP
+    vocab_size: int  # the tokenizer's vocabulary, before padding for TP
     max_position_embeddings: int = 4096
     rotary_base: float = 10000.0
-    rope_scaling: bool = False  # Llama-3.x "llama3" RoPE frequency scaling (Megatron-Core's fixed variant)
+    rope_scaling: bool = (
+        False  # Llama-3.x "llama3" RoPE frequency scaling (Megatron-Core's fixed variant)
+    )
     rope_scaling_factor: float = 8.0
     norm_epsilon: float = 1e-6
     normalization: str = "RMSNorm"
@@ -57,17 +62,25 @@ class GPTArchitecture:
         problems = []
         tp, pp = tensor_parallel_size, pipeline_parallel_size
         if self.num_attention_heads % tp:
-            problems.append(f"num_attention_heads={self.num_attention_heads} is not divisible by "
-                            f"tensor-model-parallel-size={tp}")
+            problems.append(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"tensor-model-parallel-size={tp}"
+            )
         if self.num_query_groups % tp:
-            problems.append(f"num_query_groups (kv heads)={self.num_query_groups} is not divisible "
-                            f"by tensor-model-parallel-size={tp}")
+            problems.append(
+                f"num_query_groups (kv heads)={self.num_query_groups} is not divisible "
+                f"by tensor-model-parallel-size={tp}"
+            )
         if self.ffn_hidden_size % tp:
-            problems.append(f"ffn_hidden_size={self.ffn_hidden_size} is not divisible by "
-                            f"tensor-model-parallel-size={tp}")
+            problems.append(
+                f"ffn_hidden_size={self.ffn_hidden_size} is not divisible by "
+                f"tensor-model-parallel-size={tp}"
+            )
         if self.num_layers % pp:
-            problems.append(f"num_layers={self.num_layers} is not divisible by "
-                            f"pipeline-model-parallel-size={pp}")
+            problems.append(
+                f"num_layers={self.num_layers} is not divisible by "
+                f"pipeline-model-parallel-size={pp}"
+            )
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -77,23 +90,42 @@ class GPTArchitecture:
         return path
 
     @classmethod
-    def load(cls, folder: str | Path) -> "GPTArchitecture":
+    def load(cls, folder: str | Path) -> GPTArchitecture:
         path = Path(folder) / MODEL_CONFIG_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: not a converted checkpoint folder "
-                                    "(convert one with tools/convert_hf_to_megatron.py)")
+            raise FileNotFoundError(
+                f"{path} not found: not a converted checkpoint folder "
+                "(convert one with tools/convert_hf_to_megatron.py)"
+            )
         data = json.loads(path.read_text())
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown fields {unknown}")
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in data and f.default is dataclasses.MISSING
+        )
+        if missing:
+            raise ValueError(f"{path}: missing fields {missing}")
         return cls(**data)
 
 
-def to_transformer_config(arch: GPTArchitecture, params_dtype: torch.dtype = torch.float32,
-                          **overrides) -> TransformerConfig:
-    """Build Megatron-Core's TransformerConfig. ``overrides`` go straight to TransformerConfig
-    (parallel sizes, bf16, fp8, ...)."""
+def to_transformer_config(
+    arch: GPTArchitecture,
+    params_dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    loads_weights: bool = False,
+    kernels: FusedKernels | None = None,
+    **overrides,
+) -> TransformerConfig:
+    """Build Megatron-Core's TransformerConfig.
+
+    ``device`` (default: :func:`default_device`) and ``loads_weights`` pick the fusions and the
+    initialization (:func:`device_settings`; ``kernels`` overrides its CUDA kernel probe).
+    ``overrides`` go straight to TransformerConfig and win (parallel sizes, bf16, fp8, ...).
+    """
     kwargs = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -108,21 +140,14 @@ def to_transformer_config(arch: GPTArchitecture, params_dtype: torch.dtype = tor
         qk_layernorm=arch.qk_layernorm,
         gated_linear_unit=arch.swiglu,
         activation_func=torch.nn.functional.silu if arch.swiglu else torch.nn.functional.gelu,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        # Master weights initialized whole on CPU then split: the same model at any TP.
-        use_cpu_initialization=True,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         init_method_std=0.02,
     )
+    kwargs.update(device_settings(device or default_device(), loads_weights, arch, kernels))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

@@ -31,8 +31,9 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def get_layer_spec(use_te: bool | None = None, qk_layernorm: bool = False,
-                   normalization: str = "RMSNorm") -> ModuleSpec:
+def get_layer_spec(
+    use_te: bool | None = None, qk_layernorm: bool = False, normalization: str = "RMSNorm"
+) -> ModuleSpec:
     """Layer spec for GPTModel. ``use_te=None`` picks TE when available."""
     if use_te is None:
         use_te = transformer_engine_available()
@@ -40,10 +41,7 @@ def get_layer_spec(use_te: bool | None = None, qk_layernorm: bool = False,
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
     attention = spec.submodules.self_attention
-    attention.submodules = dataclasses.replace(attention.submodules, core_attention=SDPACoreAttention)
+    attention.submodules = dataclasses.replace(
+        attention.submodules, core_attention=SDPACoreAttention
+    )
     return spec
-
-
-def spec_uses_te(spec: ModuleSpec) -> bool:
-    qkv = spec.submodules.self_attention.submodules.linear_qkv
-    return "TELayerNorm" in getattr(qkv, "__name__", "") or "TE" in getattr(qkv, "__name__", "")

@@ -12,7 +12,7 @@ atomically) holds one ``dist_checkpointing`` state dict with these entries:
 ``rng_state``         python/numpy/torch/CUDA/Megatron-tracker RNG states, one per rank
 ``iteration``         optimizer steps done
 ``parallel_layout``   TP/PP/DP sizes at save time (RNG states only load into the same layout)
-``megatron_rift``     format version and the run's flags (provenance)
+``megatron_rift``     format version and the run's TrainConfig (provenance)
 ===================== ===================================================================
 
 Model-only readers (``load_model_weights``, the HF exporter) ask for ``model`` and ignore the rest.
@@ -26,7 +26,6 @@ import json
 import os
 import random
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_rift.checkpoint_layout import HF_CONFIG_DIR, TOKENIZER_DIR
 from megatron_rift.checkpointing import (
     iteration_dir_name,
     load_checkpoint,
@@ -43,29 +43,28 @@ from megatron_rift.checkpointing import (
     unwrap_model,
 )
 from megatron_rift.training import dist_optimizer_fixes
+from megatron_rift.training.config import CheckpointConfig
+from megatron_rift.training.preflight import ConfigError
 from megatron_rift.training.save_queue import install_results_queue
-from megatron_rift.training.validation import ConfigError
 
 FORMAT_VERSION = 1
-KILL_ENV = "MEGATRON_RIFT_TEST_KILL_AT"  # test hook: "step:N" or "save:N" SIGKILLs rank 0
 
 
 def parallel_layout() -> dict:
-    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
-            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-            "dp": parallel_state.get_data_parallel_world_size()}
-
-
-def maybe_kill_for_test(point: str, iteration: int) -> None:
-    """SIGKILL global rank 0 at ``point:iteration`` when the test hook asks for it."""
-    if os.environ.get(KILL_ENV) == f"{point}:{iteration}" and dist.get_rank() == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
 
 
 def _rng_state() -> dict:
-    state = {"random": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -82,27 +81,42 @@ def _set_rng_state(state: dict) -> None:
 
 def _rng_sharded_object(state) -> ShardedObject:
     layout = parallel_layout()
-    rank = (parallel_state.get_pipeline_model_parallel_rank(),
-            parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_data_parallel_rank())
-    return ShardedObject("rng_state", state, (layout["pp"], layout["tp"], layout["dp"]), rank,
-                         replica_id=0)
+    rank = (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_data_parallel_rank(),
+    )
+    return ShardedObject(
+        "rng_state", state, (layout["pp"], layout["tp"], layout["dp"]), rank, replica_id=0
+    )
 
 
 def _optimizer_metadata() -> dict:
     return {"distrib_optim_sharding_type": dist_optimizer_fixes.DIST_OPTIMIZER_SHARDING_TYPE}
 
 
-def training_state_dict(components, data, iteration: int, run_flags: dict, is_loading: bool,
-                        with_optimizer: bool = True, with_rng: bool = True) -> dict:
+def training_state_dict(
+    components,
+    data,
+    iteration: int,
+    run_config: dict,
+    is_loading: bool,
+    with_optimizer: bool = True,
+    with_rng: bool = True,
+) -> dict:
     """The sharded state dict of a trainer checkpoint (to save, or as the template to load)."""
     model_sd = unwrap_model(components.model[0]).sharded_state_dict()
-    state = {"model": model_sd, "iteration": iteration, "data_sampler": data.state_dict(),
-             "parallel_layout": parallel_layout(),
-             "megatron_rift": {"format_version": FORMAT_VERSION, "flags": run_flags}}
+    state = {
+        "model": model_sd,
+        "iteration": iteration,
+        "data_sampler": data.state_dict(),
+        "parallel_layout": parallel_layout(),
+        "megatron_rift": {"format_version": FORMAT_VERSION, "config": run_config},
+    }
     if with_optimizer:
         state["optimizer"] = components.optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata=_optimizer_metadata())
+            model_sd, is_loading=is_loading, metadata=_optimizer_metadata()
+        )
         state["opt_param_scheduler"] = components.scheduler.state_dict()
     if with_rng:
         state["rng_state"] = _rng_sharded_object(None if is_loading else _rng_state())
@@ -110,7 +124,7 @@ def training_state_dict(components, data, iteration: int, run_flags: dict, is_lo
 
 
 # Folders of a converted checkpoint's root that the HF exporter reads (tools/convert_megatron_to_hf.py).
-ROOT_FOLDERS_TO_CARRY = ("tokenizer", "hf_config")
+ROOT_FOLDERS_TO_CARRY = (TOKENIZER_DIR, HF_CONFIG_DIR)
 
 
 def dataset_tokenizer_folder(data_path: str) -> Path | None:
@@ -122,8 +136,9 @@ def dataset_tokenizer_folder(data_path: str) -> Path | None:
     return Path(info["path"]) if info.get("kind") == "hf" and info.get("path") else None
 
 
-def _write_root_files(save_root: Path, components, model_source: str | None,
-                      dataset_tokenizer: Path | None = None) -> None:
+def _write_root_files(
+    save_root: Path, components, model_source: str | None, dataset_tokenizer: Path | None = None
+) -> None:
     """model_config.json (+ tokenizer/, hf_config/ of the source model) in the checkpoint root,
     written by rank 0 so the root can be exported like a converted checkpoint."""
     if dist.get_rank() != 0:
@@ -136,12 +151,16 @@ def _write_root_files(save_root: Path, components, model_source: str | None,
     staging.rmdir()
     for name in ROOT_FOLDERS_TO_CARRY:
         source = Path(model_source) / name if model_source else None
-        if name == "tokenizer" and (source is None or not source.is_dir()):
+        if name == TOKENIZER_DIR and (source is None or not source.is_dir()):
             # A model trained from scratch: carry the tokenizer its data was packed with, so the
             # checkpoint exports to a self-contained HF folder.
             source = dataset_tokenizer
-        if source is None or not source.is_dir() or (save_root / name).exists() \
-                or source.resolve() == (save_root / name).resolve():
+        if (
+            source is None
+            or not source.is_dir()
+            or (save_root / name).exists()
+            or source.resolve() == (save_root / name).resolve()
+        ):
             continue
         tmp = save_root / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -149,14 +168,22 @@ def _write_root_files(save_root: Path, components, model_source: str | None,
         os.replace(tmp, save_root / name)
 
 
-def save_training_checkpoint(args, components, data, iteration: int, run_flags: dict,
-                             model_source: str | None) -> Path:
-    root = Path(args.save)
+def save_training_checkpoint(
+    ckpt: CheckpointConfig,
+    data_path: str,
+    components,
+    data,
+    iteration: int,
+    run_config: dict,
+    model_source: str | None,
+) -> Path:
+    """Write checkpoint ``iteration`` under ``ckpt.save`` (and the root's model_config.json and
+    tokenizer); returns its folder."""
+    root = Path(ckpt.save)
     install_results_queue()
-    _write_root_files(root, components, model_source, dataset_tokenizer_folder(args.data_path))
-    state = training_state_dict(components, data, iteration, run_flags, is_loading=False)
-    return save_checkpoint(root, iteration, state, keep_last=args.keep_last_checkpoints,
-                           before_publish=lambda _tmp: maybe_kill_for_test("save", iteration))
+    _write_root_files(root, components, model_source, dataset_tokenizer_folder(data_path))
+    state = training_state_dict(components, data, iteration, run_config, is_loading=False)
+    return save_checkpoint(root, iteration, state, keep_last=ckpt.keep_last_checkpoints)
 
 
 def _start_folder(plan) -> Path | None:
@@ -186,41 +213,50 @@ def check_vocab_padding(plan, arch) -> None:
             f"{plan.tensor_parallel} Megatron pads it to {wanted} rows (a multiple of "
             f"{arch.make_vocab_size_divisible_by} x {plan.tensor_parallel}). Convert the model at "
             "this TP (tools/convert_hf_to_megatron.py --tensor-model-parallel-size) or use a TP "
-            "with the same padding")
+            "with the same padding"
+        )
 
 
-def load_start_state(args, plan, components, data, log) -> int:
+def load_start_state(ckpt: CheckpointConfig, plan, components, data, log) -> int:
     """Apply the plan's start point; return the iteration training continues after."""
     if plan.start == "scratch":
         log("starting from randomly initialized weights")
         return 0
     root = Path(plan.start_dir)
     if plan.start == "finetune":
-        source = root if plan.start_iteration == "release" else \
-            root / iteration_dir_name(plan.start_iteration)
+        source = (
+            root
+            if plan.start_iteration == "release"
+            else root / iteration_dir_name(plan.start_iteration)
+        )
         folder = load_model_weights(source, components.model)
         # The optimizer copied the random init into its fp32 main parameters when it was built.
         components.optimizer.reload_model_params()
         log(f"fine-tuning from the weights in {folder} (step 0, fresh optimizer)")
         return 0
-    return _resume(args, components, data, root / iteration_dir_name(plan.start_iteration), log)
+    return _resume(ckpt, components, data, root / iteration_dir_name(plan.start_iteration), log)
 
 
-def _resume(args, components, data, folder: Path, log) -> int:
+def _resume(ckpt: CheckpointConfig, components, data, folder: Path, log) -> int:
     common = dist_checkpointing.load_common_state_dict(str(folder))
     if "megatron_rift" not in common or "iteration" not in common:
-        raise ConfigError(f"{folder} is not a megatron-rift trainer checkpoint; to fine-tune "
-                          "from its weights pass --finetune")
+        raise ConfigError(
+            f"{folder} is not a megatron-rift trainer checkpoint; to fine-tune "
+            "from its weights pass --finetune"
+        )
     saved_layout = common["parallel_layout"]
-    with_rng = not args.no_load_rng and saved_layout == parallel_layout()
-    with_optimizer = not args.no_load_optim
-    if not with_rng and not args.no_load_rng:
-        log(f"checkpoint layout {saved_layout} differs from this run's {parallel_layout()}: "
-            "model and optimizer are resharded, RNG states are not restored")
+    with_rng = ckpt.load_rng and saved_layout == parallel_layout()
+    with_optimizer = ckpt.load_optim
+    if not with_rng and ckpt.load_rng:
+        log(
+            f"checkpoint layout {saved_layout} differs from this run's {parallel_layout()}: "
+            "model and optimizer are resharded, RNG states are not restored"
+        )
     if with_optimizer:
         dist_optimizer_fixes.prepare_for_load(components.optimizer)
-    template = training_state_dict(components, data, 0, {}, is_loading=True,
-                                   with_optimizer=with_optimizer, with_rng=with_rng)
+    template = training_state_dict(
+        components, data, 0, {}, is_loading=True, with_optimizer=with_optimizer, with_rng=with_rng
+    )
     loaded = load_checkpoint(folder, template)
     unwrap_model(components.model[0]).load_state_dict(loaded["model"], strict=True)
     if not with_optimizer:
@@ -233,8 +269,10 @@ def _resume(args, components, data, folder: Path, log) -> int:
     try:
         data.load_state_dict(loaded["data_sampler"])
     except ValueError as err:  # e.g. another --global-batch-size or --seed than the saved run
-        raise ConfigError(f"{folder}: {err}. To train on with other data settings, start a new "
-                          "run from these weights with --finetune") from err
+        raise ConfigError(
+            f"{folder}: {err}. To train on with other data settings, start a new "
+            "run from these weights with --finetune"
+        ) from err
     if with_rng:
         _set_rng_state(loaded["rng_state"])
     # The DDP wrapper keeps its own view of the parameters (and the distributed optimizer its
@@ -242,10 +280,3 @@ def _resume(args, components, data, folder: Path, log) -> int:
     iteration = int(loaded["iteration"])
     log(f"resumed from {folder} at step {iteration}")
     return iteration
-
-
-def run_flags_record(args) -> dict:
-    """The flags, JSON-ready, stored in each checkpoint for provenance."""
-    return {k: v for k, v in sorted(vars(args).items())
-            if isinstance(v, (str, int, float, bool, type(None)))}
-

@@ -5,19 +5,28 @@ in ``DistributedDataParallel``, the Megatron optimizer (AdamW, optionally distri
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+from pathlib import Path
 
-import torch
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed import finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.transformer.module import Float16Module
 
-from megatron_rift.model import GPTArchitecture, build_gpt_model, to_transformer_config
-from megatron_rift.model.spec import transformer_engine_available
-from megatron_rift.training.validation import RunPlan
+from megatron_rift.checkpoint_layout import iteration_dir_name
+from megatron_rift.model import GPTArchitecture, build_gpt_model
+from megatron_rift.model.stage import (
+    DTYPES,
+    build_frozen_model,
+    place_model,
+    resolve_use_te,
+    stage_transformer_config,
+)
+from megatron_rift.training.config import OptimConfig, TrainConfig
+from megatron_rift.training.preflight import RunPlan
 
 
 @dataclasses.dataclass
@@ -30,92 +39,71 @@ class TrainingComponents:
     use_te: bool
 
 
-def params_dtype(args: argparse.Namespace) -> torch.dtype:
-    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-
-
-def resolve_use_te(args: argparse.Namespace) -> bool:
-    if args.transformer_impl == "local":
-        return False
-    if args.transformer_impl == "transformer_engine":
-        if not transformer_engine_available():
-            raise RuntimeError("--transformer-impl transformer_engine: Transformer Engine or a "
-                               "CUDA device is missing")
-        return True
-    return transformer_engine_available()
-
-
-def build_transformer_config(args: argparse.Namespace, plan: RunPlan, arch: GPTArchitecture):
-    overrides = dict(
-        tensor_model_parallel_size=plan.tensor_parallel,
-        pipeline_model_parallel_size=plan.pipeline_parallel,
-        # The loss function returns (sum, count): the schedule and DDP divide by the token count
-        # summed over micro-batches and data-parallel ranks (Megatron-LM pretrain_gpt convention).
-        calculate_per_token_loss=True,
-        sequence_parallel=False,
+def run_transformer_config(config: TrainConfig, plan: RunPlan, arch: GPTArchitecture):
+    precision = config.precision
+    return stage_transformer_config(
+        arch,
+        plan.tensor_parallel,
+        plan.pipeline_parallel,
+        precision.dtype_name,
+        loads_weights=plan.loads_weights,
+        fp8_format=precision.fp8_format,
+        fp8_recipe=precision.fp8_recipe,
+        variable_seq_lengths=config.data.sequence_packing and plan.pipeline_parallel > 1,
     )
-    if args.sequence_packing and plan.pipeline_parallel > 1:
-        # Packed micro-batches have a varying number of rows; p2p must exchange shapes first.
-        # (TransformerConfig refuses it with the default MoE dispatcher, unused here.)
-        overrides.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
-    if args.fp8_format is not None:
-        overrides.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe)
-    return to_transformer_config(arch, params_dtype(args), **overrides)
 
 
-def build_model(args: argparse.Namespace, plan: RunPlan, arch: GPTArchitecture):
-    """[DDP(GPTModel)] for this rank's pipeline stage, and its TransformerConfig."""
-    use_te = resolve_use_te(args)
-    config = build_transformer_config(args, plan, arch)
-    model = build_gpt_model(arch, config, use_te=use_te)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    if config.fp16 or config.bf16:
-        model = Float16Module(config, model)
+def build_model(config: TrainConfig, plan: RunPlan, arch: GPTArchitecture):
+    """[DDP(GPTModel)] for this rank's pipeline stage, its TransformerConfig and the layer kind."""
+    use_te = resolve_use_te(config.precision.transformer_impl)
+    transformer_config = run_transformer_config(config, plan, arch)
+    model = place_model(
+        build_gpt_model(arch, transformer_config, use_te=use_te), transformer_config
+    )
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=args.use_distributed_optimizer,
+        use_distributed_optimizer=config.optimizer.use_distributed_optimizer,
         check_for_nan_in_grad=True,
     )
-    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
-    return [ddp], config, use_te
+    ddp = DistributedDataParallel(config=transformer_config, ddp_config=ddp_config, module=model)
+    return [ddp], transformer_config, use_te
 
 
-def build_optimizer(args: argparse.Namespace, plan: RunPlan, model: list):
+def build_optimizer(optim: OptimConfig, dtype: str, plan: RunPlan, model: list):
     opt_config = OptimizerConfig(
         optimizer="adam",  # with decoupled_weight_decay=True (default): AdamW
         lr=plan.lr,
         # Always set: the param groups otherwise override the scheduler with None
         # (megatron-core 0.16.1 optimizer_param_scheduler.py:252).
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad,
-        bf16=args.bf16,
-        fp16=args.fp16,
-        params_dtype=params_dtype(args),
-        use_distributed_optimizer=args.use_distributed_optimizer,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+        params_dtype=DTYPES[dtype],
+        use_distributed_optimizer=optim.use_distributed_optimizer,
         # fp8_recipe tells the distributed optimizer how parameters are stored; we keep
         # high-precision parameters (no fp8_param), so it stays None.
     )
     return get_megatron_optimizer(opt_config, model)
 
 
-def build_scheduler(args: argparse.Namespace, plan: RunPlan, optimizer) -> OptimizerParamScheduler:
+def build_scheduler(optim: OptimConfig, plan: RunPlan, optimizer) -> OptimizerParamScheduler:
     """Steps are optimizer iterations (increment 1 per step)."""
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=plan.lr,
-        min_lr=args.min_lr,
+        min_lr=optim.min_lr,
         lr_warmup_steps=plan.warmup_iters,
         lr_decay_steps=plan.decay_iters,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
+        lr_decay_style=optim.lr_decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
         wd_incr_steps=plan.train_iters,
         wd_incr_style="constant",
         # Resume takes the schedule from the checkpoint, as Megatron-LM does by default.
@@ -124,53 +112,35 @@ def build_scheduler(args: argparse.Namespace, plan: RunPlan, optimizer) -> Optim
     )
 
 
-def setup_training(args: argparse.Namespace, plan: RunPlan) -> TrainingComponents:
+def setup_training(config: TrainConfig, plan: RunPlan) -> TrainingComponents:
     arch = GPTArchitecture(**plan.arch_fields)
     arch.check_parallel(plan.tensor_parallel, plan.pipeline_parallel)
-    model, config, use_te = build_model(args, plan, arch)
-    optimizer = build_optimizer(args, plan, model)
-    scheduler = build_scheduler(args, plan, optimizer)
+    model, transformer_config, use_te = build_model(config, plan, arch)
+    optimizer = build_optimizer(config.optimizer, config.precision.dtype_name, plan, model)
+    scheduler = build_scheduler(config.optimizer, plan, optimizer)
     # Megatron-LM's wiring: the schedule scales the loss for fp16 and finishes the gradient
     # all-reduce (and the per-token division) through these hooks.
-    config.grad_scale_func = optimizer.scale_loss
-    config.finalize_model_grads_func = finalize_model_grads
-    return TrainingComponents(model, optimizer, scheduler, config, arch, use_te)
+    transformer_config.grad_scale_func = optimizer.scale_loss
+    transformer_config.finalize_model_grads_func = finalize_model_grads
+    return TrainingComponents(model, optimizer, scheduler, transformer_config, arch, use_te)
 
 
-def reference_source(args: argparse.Namespace, plan: RunPlan) -> str:
+def reference_source(pretrained_checkpoint: str | None, plan: RunPlan) -> str:
     """The checkpoint whose weights are the online reference: the model fine-tuning started from."""
-    from pathlib import Path
-
-    if args.pretrained_checkpoint:
-        return args.pretrained_checkpoint
+    if pretrained_checkpoint:
+        return pretrained_checkpoint
     if plan.start == "finetune":
-        root = Path(plan.start_dir)
-        return str(root if plan.start_iteration == "release" else
-                   root / f"iter_{int(plan.start_iteration):07d}")
-    raise RuntimeError("no starting model to use as the reference (checked in validation)")
+        return str(Path(plan.start_dir) / iteration_dir_name(plan.start_iteration))
+    raise RuntimeError("no starting model to use as the reference (checked in the preflight)")
 
 
-def build_frozen_model(arch: GPTArchitecture, config, use_te: bool, checkpoint: str | None = None,
-                       state_dict: dict | None = None):
-    """A model for scoring only: the trainer's layers and parallel layout, eval mode, no gradients,
-    no DDP, no optimizer. Weights from ``checkpoint`` (root or iteration folder) or ``state_dict``."""
-    from megatron_rift.checkpointing import load_model_weights
-
-    model = build_gpt_model(arch, config, use_te=use_te)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    if config.fp16 or config.bf16:
-        model = Float16Module(config, model)
-    if checkpoint is not None:
-        load_model_weights(checkpoint, model)
-    if state_dict is not None:
-        model.load_state_dict(state_dict)
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def build_reference_model(args: argparse.Namespace, plan: RunPlan, components: TrainingComponents):
+def build_reference_model(
+    pretrained_checkpoint: str | None, plan: RunPlan, components: TrainingComponents
+):
     """``--reference online``: a frozen copy of the model fine-tuning started from."""
-    return build_frozen_model(components.arch, components.config, components.use_te,
-                              reference_source(args, plan))
+    return build_frozen_model(
+        components.arch,
+        components.config,
+        components.use_te,
+        reference_source(pretrained_checkpoint, plan),
+    )

@@ -16,14 +16,9 @@ from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_rift.losses import (
-    DEFAULT_BETA,
-    PREFERENCE_OBJECTIVES,
-    PreferenceSettings,
-    make_loss_func,
-    make_preference_loss_func,
-    sequence_logprobs,
-)
+from megatron_rift.losses import LossSettings, make_loss_func, sequence_logprobs
+from megatron_rift.objectives import Objective, Unit
+from megatron_rift.training.config import ObjectiveConfig
 
 
 def packed_seq_params_for_te(segment_ids: torch.Tensor) -> PackedSeqParams:
@@ -35,59 +30,75 @@ def packed_seq_params_for_te(segment_ids: torch.Tensor) -> PackedSeqParams:
     begin = torch.nonzero(starts).reshape(-1)
     cu = torch.cat([begin, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
     max_len = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=max_len,
+        max_seqlen_kv=max_len,
+    )
 
 
-def preference_settings(args) -> PreferenceSettings:
-    beta = args.beta if args.beta is not None else DEFAULT_BETA.get(args.objective, 0.1)
-    return PreferenceSettings(beta=beta, simpo_gamma=args.simpo_gamma,
-                              desirable_weight=args.kto_desirable_weight,
-                              undesirable_weight=args.kto_undesirable_weight)
+def loss_settings(objective: Objective, settings: ObjectiveConfig) -> LossSettings:
+    """The loss hyper-parameters of a run (``--beta`` defaults to the objective's own)."""
+    beta = settings.beta if settings.beta is not None else objective.default_beta
+    return LossSettings(
+        negative_mode=settings.negative_mode,
+        beta=LossSettings.beta if beta is None else beta,
+        simpo_gamma=settings.simpo_gamma,
+        desirable_weight=settings.kto_desirable_weight,
+        undesirable_weight=settings.kto_undesirable_weight,
+    )
 
 
-def make_forward_step(objective: str, negative_mode: str, packed: bool, use_te: bool,
-                      preference: PreferenceSettings | None = None, reference_model=None):
+def _flatten_for_thd(batch: dict) -> dict:
+    """Packed rows as one THD row for Transformer Engine; the loss terms are per token, so every
+    per-token tensor follows."""
+    flat = dict(batch)
+    for key in ("tokens", "labels", "position_ids", "loss_mask", "rewards", "segment_ids"):
+        flat[key] = batch[key].reshape(1, -1)
+    return flat
+
+
+def make_forward_step(
+    objective: Objective, settings: LossSettings, packed: bool, use_te: bool, reference_model=None
+):
     """The ``forward_step_func`` for Megatron's ``forward_backward_func``.
 
-    Preference objectives read ``roles`` (and ``ref_logprobs``, when precomputed) from the batch;
-    with ``reference_model`` (``--reference online``) the frozen model scores the same
-    micro-batch under ``no_grad`` instead.
+    The objective's loss reads the batch (``loss_mask``, ``rewards``, ``segment_ids``; ``roles``
+    and ``ref_logprobs`` for pair / mismatched units). With ``reference_model``
+    (``--reference online``) the frozen model scores the same micro-batch under ``no_grad`` and
+    its log-probs replace ``ref_logprobs``.
     """
     on_gpu = torch.cuda.is_available()
-    is_preference = objective in PREFERENCE_OBJECTIVES
-    # KTO's reference point z is estimated over the whole data-parallel batch, not one rank's slice.
-    kl_group = parallel_state.get_data_parallel_group() if objective == "kto" else None
+    loss = objective.load_loss()
+    sequences = objective.unit is not Unit.ROLLOUT
+    # Statistics a loss reduces over the whole data-parallel batch (KTO's reference point).
+    group = parallel_state.get_data_parallel_group()
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         if on_gpu:
             batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
-        tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
-        position_ids, attention_mask = batch["position_ids"], batch.get("attention_mask")
-        packed_seq_params, segment_ids = None, batch["segment_ids"] if packed or is_preference else None
         if packed:
-            rewards = batch["token_rewards"]
-            if use_te:  # one flattened THD row; the loss terms are per token so shapes follow
-                packed_seq_params = packed_seq_params_for_te(segment_ids)
-                tokens, labels, position_ids = (t.reshape(1, -1) for t in
-                                                (tokens, labels, position_ids))
-                loss_mask, rewards, segment_ids = (t.reshape(1, -1) for t in
-                                                   (loss_mask, rewards, segment_ids))
-        else:
-            rewards = batch["rewards"]
-        output = model(tokens, position_ids, attention_mask, labels=labels,
-                       packed_seq_params=packed_seq_params)
-        if not is_preference:
-            return output, make_loss_func(loss_mask, rewards, objective, negative_mode, segment_ids)
-        roles, ref_logprobs = batch["roles"], batch.get("ref_logprobs")
+            batch["rewards"] = batch.pop("token_rewards")  # each token carries its sample's
+        packed_seq_params = None
+        if packed and use_te:
+            packed_seq_params = packed_seq_params_for_te(batch["segment_ids"])
+            batch = _flatten_for_thd(batch)
+        if not (packed or sequences):
+            batch.pop("segment_ids", None)  # one sample per row: the losses need no segments
+        args = (batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        output = model(*args, labels=batch["labels"], packed_seq_params=packed_seq_params)
         if reference_model is not None:
             with torch.no_grad():
-                ref_ce = reference_model(tokens, position_ids, attention_mask, labels=labels,
-                                         packed_seq_params=packed_seq_params)
-                ref_logprobs = sequence_logprobs(ref_ce, loss_mask, segment_ids, roles.numel())[0]
-        return output, make_preference_loss_func(loss_mask, segment_ids, roles, ref_logprobs,
-                                                 objective, preference, kl_group)
+                ref_ce = reference_model(
+                    *args, labels=batch["labels"], packed_seq_params=packed_seq_params
+                )
+                batch["ref_logprobs"] = sequence_logprobs(
+                    ref_ce, batch["loss_mask"], batch["segment_ids"], batch["roles"].numel()
+                )[0]
+        return output, make_loss_func(loss, batch, settings, group)
 
     return forward_step
 
@@ -122,8 +133,14 @@ def metrics_to_first_stage(values: dict) -> dict:
     return box[0]
 
 
-def train_step(components, micro_batches, num_microbatches: int, seq_length: int,
-               micro_batch_size: int, forward_step) -> dict:
+def train_step(
+    components,
+    micro_batches,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_step,
+) -> dict:
     """Run one optimizer step; return the metrics of this step (on every rank)."""
     model, optimizer, scheduler = components.model, components.optimizer, components.scheduler
     for chunk in model:
@@ -132,14 +149,22 @@ def train_step(components, micro_batches, num_microbatches: int, seq_length: int
     lr = optimizer.param_groups[0]["lr"]
     forward_backward = get_forward_backward_func()
     reports = forward_backward(
-        forward_step_func=forward_step, data_iterator=micro_batches, model=model,
-        num_microbatches=num_microbatches, seq_length=seq_length,
-        micro_batch_size=micro_batch_size, forward_only=False)
+        forward_step_func=forward_step,
+        data_iterator=micro_batches,
+        model=model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=1)
     values = reduce_reports(reports) if parallel_state.is_pipeline_last_stage() else {}
     values = metrics_to_first_stage(values)
-    values.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                  skipped=not update_successful)
+    values.update(
+        lr=lr,
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        skipped=not update_successful,
+    )
     return values

@@ -17,12 +17,13 @@ def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     ds = RewardDataset(prefix)
-    sampler = GlobalBatchSampler(len(ds), global_batch, rank, world, seed=11,
-                                 micro_batch_size=micro)
+    sampler = GlobalBatchSampler(
+        len(ds), global_batch, rank, world, seed=11, micro_batch_size=micro
+    )
     seq_length = int(ds.lengths.max()) + 1
     epochs, masked, expected_masked, reward_sum, expected_reward_sum = [], 0, 0, 0.0, 0.0
     iterator = iter(sampler)
-    for epoch in range(2):
+    for _epoch in range(2):
         seen = []
         for _ in range(len(sampler)):
             for micro_batch in next(iterator):
@@ -36,9 +37,15 @@ def main():
                     expected_masked += int(item["loss_mask"].sum())
                     expected_reward_sum += item["reward"] * int(item["loss_mask"].sum())
         epochs.append(seen)
-    write_rank_result({"epochs": epochs, "masked_tokens": masked,
-                       "expected_masked_tokens": expected_masked, "reward_sum": reward_sum,
-                       "expected_reward_sum": expected_reward_sum})
+    write_rank_result(
+        {
+            "epochs": epochs,
+            "masked_tokens": masked,
+            "expected_masked_tokens": expected_masked,
+            "reward_sum": reward_sum,
+            "expected_reward_sum": expected_reward_sum,
+        }
+    )
     dist.barrier()
     dist.destroy_process_group()
 

@@ -43,18 +43,44 @@ def main():
     args = ap.parse_args()
     cli = load_cli()
     result = {}
-    result["tp2_status"], result["tp2_cli_diff"] = run_cli(cli, [
-        "--hf-path", args.tp_hf, "--output", str(Path(args.out) / "tp2"), "--target-dtype", "fp32",
-        "--tensor-model-parallel-size", "2", "--verify"])
+    result["tp2_status"], result["tp2_cli_diff"] = run_cli(
+        cli,
+        [
+            "--hf-path",
+            args.tp_hf,
+            "--output",
+            str(Path(args.out) / "tp2"),
+            "--target-dtype",
+            "fp32",
+            "--tensor-model-parallel-size",
+            "2",
+            "--verify",
+        ],
+    )
     arch = GPTArchitecture.load(args.tp1_checkpoint)
-    result["tp1_checkpoint_at_tp2"] = verify_parity(args.tp1_checkpoint, args.pp_hf, arch).max_abs_logit_diff
+    result["tp1_checkpoint_at_tp2"] = verify_parity(
+        args.tp1_checkpoint, args.pp_hf, arch
+    ).max_abs_logit_diff
 
     parallel_state.destroy_model_parallel()  # same processes, now two pipeline stages
-    result["pp2_status"], result["pp2_cli_diff"] = run_cli(cli, [
-        "--hf-path", args.pp_hf, "--output", str(Path(args.out) / "pp2"), "--target-dtype", "fp32",
-        "--pipeline-model-parallel-size", "2", "--verify"])
+    result["pp2_status"], result["pp2_cli_diff"] = run_cli(
+        cli,
+        [
+            "--hf-path",
+            args.pp_hf,
+            "--output",
+            str(Path(args.out) / "pp2"),
+            "--target-dtype",
+            "fp32",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--verify",
+        ],
+    )
     ensure_parallel_state(arch, 1, 2)
-    result["tp1_checkpoint_at_pp2"] = verify_parity(args.tp1_checkpoint, args.pp_hf, arch).max_abs_logit_diff
+    result["tp1_checkpoint_at_pp2"] = verify_parity(
+        args.tp1_checkpoint, args.pp_hf, arch
+    ).max_abs_logit_diff
     write_rank_result(result)
 
 

@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face models of each supported family, built on the fly (no downloads).
+"""Tiny random Hugging Face models of each supported family, built on the fly (no downloads), and
+the tiny Megatron architecture of the same shape.
 
 Norm weights and biases are randomized too, so a norm or bias mapped to the wrong place changes
 the logits; the larger initializer range makes logits big enough for a 1e-4 check to mean something.
@@ -15,10 +16,19 @@ TOKENIZER_VOCAB = 280
 
 FAMILIES = {
     # Llama-3 style: multi-head (kv heads = heads), untied head, llama3 RoPE scaling.
-    "llama": dict(num_key_value_heads=4, tie_word_embeddings=False, rope_theta=500000.0,
-                  rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                  max_position_embeddings=131072),
+    "llama": dict(
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        max_position_embeddings=131072,
+    ),
     # Qwen2.5 style: GQA (2 kv heads for 4), tied embeddings, q/k/v biases, rope theta 1e6.
     "qwen2": dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6),
     # Qwen3 style: one kv head, head_dim 32 != hidden/heads = 16, q/k norms, untied.
@@ -26,20 +36,46 @@ FAMILIES = {
 }
 
 
+def tiny_architecture(**overrides):
+    """A ``GPTArchitecture`` of :func:`hf_config`'s shape (2 layers, hidden 64, 4 heads, ffn 96,
+    vocabulary VOCAB); ``overrides`` replace any field."""
+    from megatron_rift.model import GPTArchitecture
+
+    fields = dict(
+        num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96, vocab_size=VOCAB
+    )
+    return GPTArchitecture(**{**fields, **overrides})
+
+
 def hf_config(family: str, **overrides):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
-    kwargs = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, rms_norm_eps=1e-6, initializer_range=0.1, bos_token_id=1,
-                  eos_token_id=2)
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        rms_norm_eps=1e-6,
+        initializer_range=0.1,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     kwargs.update(FAMILIES[family])
     kwargs.update(overrides)
     return cls(**kwargs)
 
 
-def make_tiny_hf_model(folder: str | Path, family: str, dtype: torch.dtype = torch.float32, seed: int = 0,
-                       max_shard_size: str | None = None, tokenizer: bool = False, **overrides) -> Path:
+def make_tiny_hf_model(
+    folder: str | Path,
+    family: str,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    tokenizer: bool = False,
+    **overrides,
+) -> Path:
     """Save a random tiny model of ``family`` to ``folder`` (safetensors; sharded with ``max_shard_size``)."""
     from transformers import AutoModelForCausalLM
 
@@ -56,9 +92,13 @@ def make_tiny_hf_model(folder: str | Path, family: str, dtype: torch.dtype = tor
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(folder), **kwargs)
     if tokenizer:
-        from megatron_rift.data.tiny_tokenizers import build_bpe_tokenizer
+        from tests.tiny_tokenizers import build_bpe_tokenizer
 
-        texts = ["the quick brown fox jumps over the lazy dog", "2 + 2 = 4", "solve for x: 3x = 12"] * 20
+        texts = [
+            "the quick brown fox jumps over the lazy dog",
+            "2 + 2 = 4",
+            "solve for x: 3x = 12",
+        ] * 20
         build_bpe_tokenizer(folder, texts, vocab_size=TOKENIZER_VOCAB)
     return folder
 

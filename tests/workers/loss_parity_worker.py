@@ -1,12 +1,13 @@
-"""Worker: every objective's loss and logit gradient through Megatron's vocab_parallel_cross_entropy
-(vocab split across TP ranks) against the full-vocabulary plain-PyTorch reference."""
+"""Worker: every token objective's loss (by name, through the objectives registry) and logit
+gradient through Megatron's vocab_parallel_cross_entropy (vocab split across TP ranks) against the
+full-vocabulary plain-PyTorch reference."""
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_rift.losses import TOKEN_OBJECTIVES as OBJECTIVES, compute_loss
 from megatron_rift.parallel import destroy_distributed, init_distributed
 from tests.loss_reference import reference_loss
+from tests.objective_losses import TOKEN_OBJECTIVES as OBJECTIVES, compute_loss
 from tests.torchrun_utils import world_size_from_env_or_1, write_rank_result
 
 CASES = [(o, "token") for o in OBJECTIVES] + [("rift", "sequence"), ("rift", "geometric")]
@@ -28,16 +29,20 @@ def main():
         ref, _ = reference_loss(ref_logits, labels, loss_mask, rewards, objective, mode)
         ref.backward()
         shard = v // tp
-        local = logits_full[..., rank * shard:(rank + 1) * shard].clone().requires_grad_(True)
+        local = logits_full[..., rank * shard : (rank + 1) * shard].clone().requires_grad_(True)
         # Megatron's layout is [s, b, v/tp]; CE is per token so the transpose is only for fidelity.
-        ce = tensor_parallel.vocab_parallel_cross_entropy(local.transpose(0, 1).contiguous(),
-                                                          labels.transpose(0, 1).contiguous())
-        loss_sum, num_tokens, _ = compute_loss(ce.transpose(0, 1), loss_mask, rewards, objective, mode)
+        ce = tensor_parallel.vocab_parallel_cross_entropy(
+            local.transpose(0, 1).contiguous(), labels.transpose(0, 1).contiguous()
+        )
+        loss_sum, num_tokens, _ = compute_loss(
+            ce.transpose(0, 1), loss_mask, rewards, objective, mode
+        )
         loss = loss_sum / num_tokens.clamp(min=1)
         loss.backward()
-        ref_grad = ref_logits.grad[..., rank * shard:(rank + 1) * shard].float()
+        ref_grad = ref_logits.grad[..., rank * shard : (rank + 1) * shard].float()
         results[f"{objective}/{mode}"] = {
-            "loss": loss.item(), "ref": ref.item(),
+            "loss": loss.item(),
+            "ref": ref.item(),
             "grad_max_abs_diff": (local.grad - ref_grad).abs().max().item(),
             "grad_max_abs": ref_grad.abs().max().item(),
         }

@@ -8,9 +8,9 @@ import math
 import torch
 from megatron.core import parallel_state
 
-from megatron_rift.losses import compute_loss
 from megatron_rift.model import GPTArchitecture, build_gpt_model, to_transformer_config
 from megatron_rift.parallel import destroy_distributed, init_distributed
+from tests.objective_losses import compute_loss
 from tests.torchrun_utils import world_size_from_env_or_1, write_rank_result
 
 
@@ -18,7 +18,7 @@ def fixed_batch(vocab: int, b: int = 4, s: int = 16, prompt_len: int = 6):
     g = torch.Generator().manual_seed(123)
     tokens = torch.randint(0, vocab, (b, s + 1), generator=g)
     loss_mask = torch.zeros(b, s)
-    loss_mask[:, prompt_len - 1:] = 1.0  # labels from the first response token on
+    loss_mask[:, prompt_len - 1 :] = 1.0  # labels from the first response token on
     rewards = torch.tensor([1.0, -1.0, -1.0, -1.0])[:b]
     return tokens[:, :-1], tokens[:, 1:], loss_mask, rewards
 
@@ -31,8 +31,14 @@ def main():
     args = ap.parse_args()
     tp = world_size_from_env_or_1()
     init_distributed(tensor_model_parallel_size=tp, seed=7)
-    arch = GPTArchitecture(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                           vocab_size=256, make_vocab_size_divisible_by=128)
+    arch = GPTArchitecture(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=256,
+        make_vocab_size_divisible_by=128,
+    )
     model = build_gpt_model(arch, to_transformer_config(arch, tensor_model_parallel_size=tp))
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     tokens, labels, loss_mask, rewards = fixed_batch(arch.vocab_size)
@@ -48,7 +54,9 @@ def main():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    write_rank_result({"losses": losses, "tp_rank": parallel_state.get_tensor_model_parallel_rank()})
+    write_rank_result(
+        {"losses": losses, "tp_rank": parallel_state.get_tensor_model_parallel_rank()}
+    )
     destroy_distributed()
 
 

@@ -14,11 +14,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.workers.train_data import build_pairs_dataset, build_rollout_dataset  # noqa: E402
+from tests.workers.train_data import build_pairs_dataset, build_rollout_dataset
 
 # vocab 512 pads to 512 at TP=1 and TP=2 (make-vocab-size-divisible-by 128).
-TINY_ARCH = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                 ffn_hidden_size=128, vocab_size=512, max_position_embeddings=128)
+TINY_ARCH = dict(
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+    vocab_size=512,
+    max_position_embeddings=128,
+)
 
 
 def build_release_checkpoint(root: Path, **overrides) -> None:
@@ -45,8 +52,16 @@ def main(out: str) -> None:
     build_release_checkpoint(out / "release_model")
     # Vocabulary 100 pads to 128 rows at TP=1 but 256 at TP=2: a TP this checkpoint cannot load.
     build_release_checkpoint(out / "release_vocab100", vocab_size=100)
-    print(json.dumps({"data": prefix, "pairs": pairs, "release": str(out / "release_model"),
-                      "release_vocab100": str(out / "release_vocab100")}))
+    print(
+        json.dumps(
+            {
+                "data": prefix,
+                "pairs": pairs,
+                "release": str(out / "release_model"),
+                "release_vocab100": str(out / "release_vocab100"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Launch ``python -m megatron_rift.train`` under torchrun from the trainer tests and read its
-``metrics.jsonl``.
+``metrics.jsonl``. With ``kill_at`` the run goes through ``tests.workers.killing_trainer``
+instead, which SIGKILLs global rank 0 at that point (``step:N`` or ``save:N``).
 
 Runs are cached by name under the pytest session's base temp folder, so the parallel and the
 resume tests share one uninterrupted reference run. Each launch gets its own process session:
@@ -27,33 +28,66 @@ def prepared_assets(base: Path) -> dict:
     out = base / "train_assets"
     done = out / "assets.json"
     if not done.is_file():
-        proc = subprocess.run([sys.executable, str(REPO / "tests/workers/train_prepare.py"),
-                               str(out)], capture_output=True, text=True, timeout=RUN_TIMEOUT,
-                              env=_env(), cwd=str(REPO))
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "tests/workers/train_prepare.py"), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+            env=_env(),
+            cwd=str(REPO),
+        )
         if proc.returncode != 0:
-            raise AssertionError(f"train_prepare failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+            raise AssertionError(
+                f"train_prepare failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+            )
         done.write_text(proc.stdout.strip().splitlines()[-1])
     return json.loads(done.read_text())
 
 
 def _env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        }
+    )
     env.update(extra or {})
     return env
 
 
-def start_trainer(run_dir: Path, nproc: int, args: list[str], env: dict | None = None
-                  ) -> subprocess.Popen:
-    """Start torchrun in its own session; output goes to run_dir/output.txt."""
+def start_trainer(
+    run_dir: Path, nproc: int, args: list[str], env: dict | None = None, kill_at: str | None = None
+) -> subprocess.Popen:
+    """Start torchrun in its own session; output goes to run_dir/output.txt. ``kill_at``
+    ("step:N" or "save:N") runs tests.workers.killing_trainer, which SIGKILLs rank 0 there."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-           "-m", "megatron_rift.train", *args]
+    entry = (
+        ["megatron_rift.train"]
+        if kill_at is None
+        else ["tests.workers.killing_trainer", "--kill-at", kill_at]
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        *entry,
+        *args,
+    ]
     output = open(run_dir / "output.txt", "w")
-    return subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=_env(env),
-                            cwd=str(REPO), start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        env=_env(env),
+        cwd=str(REPO),
+        start_new_session=True,
+    )
 
 
 def start_ranks_without_launcher(run_dir: Path, nproc: int, args: list[str]) -> list:
@@ -65,12 +99,25 @@ def start_ranks_without_launcher(run_dir: Path, nproc: int, args: list[str]) -> 
     port = str(free_port())
     procs = []
     for rank in range(nproc):
-        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        env = {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
         output = open(run_dir / f"rank{rank}.txt", "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_rift.train", *args],
-                                      stdout=output, stderr=subprocess.STDOUT, env=_env(env),
-                                      cwd=str(REPO), start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "megatron_rift.train", *args],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=_env(env),
+                cwd=str(REPO),
+                start_new_session=True,
+            )
+        )
     return procs
 
 
@@ -95,8 +142,9 @@ def wait_ranks(procs: list, run_dir: Path, timeout: float = RUN_TIMEOUT) -> list
     return results
 
 
-def wait_trainer(proc: subprocess.Popen, run_dir: Path, timeout: float = RUN_TIMEOUT
-                 ) -> tuple[int, str, float]:
+def wait_trainer(
+    proc: subprocess.Popen, run_dir: Path, timeout: float = RUN_TIMEOUT
+) -> tuple[int, str, float]:
     """(exit code, output, seconds); kills the run's whole session on timeout and afterwards."""
     started = time.monotonic()
     try:
@@ -114,9 +162,15 @@ def wait_trainer(proc: subprocess.Popen, run_dir: Path, timeout: float = RUN_TIM
     return code, output, time.monotonic() - started
 
 
-def run_trainer(run_dir: Path, nproc: int, args: list[str], env: dict | None = None,
-                expect_success: bool = True) -> tuple[int, str]:
-    code, output, _ = wait_trainer(start_trainer(run_dir, nproc, args, env), run_dir)
+def run_trainer(
+    run_dir: Path,
+    nproc: int,
+    args: list[str],
+    env: dict | None = None,
+    expect_success: bool = True,
+    kill_at: str | None = None,
+) -> tuple[int, str]:
+    code, output, _ = wait_trainer(start_trainer(run_dir, nproc, args, env, kill_at), run_dir)
     if expect_success and code != 0:
         raise AssertionError(f"trainer failed (exit {code}):\n{output[-8000:]}")
     return code, output
@@ -148,9 +202,26 @@ def tiny_rift_args(assets: dict) -> list[str]:
     """One epoch (48 rollouts / 8 = 6 steps) of RIFT from the shared release checkpoint.
 
     The lr is high for a fine-tune so that each step moves the loss visibly."""
-    return ["--data-path", assets["data"], "--pretrained-checkpoint", assets["release"],
-            "--objective", "rift", "--seq-length", "32", "--micro-batch-size", "2",
-            "--global-batch-size", "8", "--epochs", "1", "--lr", "1e-3", "--seed", "5"]
+    return [
+        "--data-path",
+        assets["data"],
+        "--pretrained-checkpoint",
+        assets["release"],
+        "--objective",
+        "rift",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "5",
+    ]
 
 
 def reference_run(base: Path) -> dict[int, dict]:

@@ -13,8 +13,8 @@ transformers 5 that tokenizer encodes every string to an empty list.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
@@ -29,7 +29,10 @@ def _wrap_and_save(backend, folder: Path, chat_template: str | None) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
         unk_token="<unk>",
     )
     if chat_template is not None:
@@ -39,8 +42,13 @@ def _wrap_and_save(backend, folder: Path, chat_template: str | None) -> Path:
     return folder
 
 
-def build_bpe_tokenizer(folder: str | Path, texts: Iterable[str], vocab_size: int = 400,
-                        chat_template: str | None = TINY_CHAT_TEMPLATE, add_bos: bool = True) -> Path:
+def build_bpe_tokenizer(
+    folder: str | Path,
+    texts: Iterable[str],
+    vocab_size: int = 400,
+    chat_template: str | None = TINY_CHAT_TEMPLATE,
+    add_bos: bool = True,
+) -> Path:
     """Train a byte-level BPE on ``texts`` and save it as an HF tokenizer folder.
 
     Byte-level: every string is encodable, and merges make "tokenize separately" differ from
@@ -52,18 +60,22 @@ def build_bpe_tokenizer(folder: str | Path, texts: Iterable[str], vocab_size: in
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     backend.train_from_iterator(list(texts), trainer=trainer)
     if add_bos:  # Llama-style: add_special_tokens=True puts <s> in front of a text
         backend.post_processor = processors.TemplateProcessing(
-            single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))])
+            single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))]
+        )
     return _wrap_and_save(backend, Path(folder), chat_template)
 
 
-def build_wordlevel_tokenizer(folder: str | Path, words: Sequence[str],
-                              chat_template: str | None = TINY_CHAT_TEMPLATE) -> Path:
+def build_wordlevel_tokenizer(
+    folder: str | Path, words: Sequence[str], chat_template: str | None = TINY_CHAT_TEMPLATE
+) -> Path:
     """A whitespace-split word-level tokenizer over ``words`` (one token per word).
 
     The benchmark uses it so that "a 64-word prompt" is exactly 64 tokens.
@@ -78,8 +90,9 @@ def build_wordlevel_tokenizer(folder: str | Path, words: Sequence[str],
     return _wrap_and_save(backend, Path(folder), chat_template)
 
 
-def train_sentencepiece(model_path: str | Path, texts: Iterable[str], vocab_size: int = 200,
-                        model_type: str = "unigram") -> Path:
+def train_sentencepiece(
+    model_path: str | Path, texts: Iterable[str], vocab_size: int = 200, model_type: str = "unigram"
+) -> Path:
     """Train a SentencePiece model on ``texts`` and write it to ``model_path`` (a ``.model``).
 
     ids: 0 <pad>, 1 <s>, 2 </s>, 3 <unk> (the same layout as the HF tiny tokenizers).
@@ -90,9 +103,16 @@ def train_sentencepiece(model_path: str | Path, texts: Iterable[str], vocab_size
     model_path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(texts)), model_writer=buffer, vocab_size=vocab_size,
-        model_type=model_type, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-        hard_vocab_limit=False, minloglevel=2,
+        sentence_iterator=iter(list(texts)),
+        model_writer=buffer,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        hard_vocab_limit=False,
+        minloglevel=2,
     )
     model_path.write_bytes(buffer.getvalue())
     return model_path
