@@ -12,7 +12,11 @@ writes them.
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 from pathlib import Path
+
+from megatron_rift.megatron_compat import COMMON_STATE_EMBEDDED_SINCE, installed_version
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -21,6 +25,10 @@ MODEL_CONFIG_FILE = "model_config.json"
 # on export); the trainer carries both into its own checkpoint root.
 TOKENIZER_DIR = "tokenizer"
 HF_CONFIG_DIR = "hf_config"  # the source config.json / generation_config.json, reused on export
+# In every iteration folder: the versions that wrote it (dist_checkpointing's own metadata does not
+# say which megatron-core wrote it, and its format changed in 0.19).
+WRITER_FILE = "megatron_rift_writer.json"
+COMMON_STATE_FILE = "common.pt"  # dist_checkpointing's separate common state, before 0.19
 
 
 def iteration_dir_name(iteration: int | str) -> str:
@@ -44,3 +52,50 @@ def read_tracker(ckpt_root: str | Path | None) -> int | str | None:
         raise ValueError(
             f"{path}: expected an iteration number or 'release', found {text!r}"
         ) from None
+
+
+def writer_record() -> dict:
+    """What :data:`WRITER_FILE` holds for a checkpoint written by this process."""
+
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "megatron_core": version("megatron-core"),
+        "torch": version("torch"),
+        "megatron_rift": version("megatron-rift"),
+    }
+
+
+def written_by(folder: str | Path) -> str | None:
+    """The megatron-core version recorded in an iteration folder, or None (an older writer)."""
+    try:
+        return json.loads((Path(folder) / WRITER_FILE).read_text()).get("megatron_core")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def unreadable_reason(folder: str | Path) -> str | None:
+    """Why the installed megatron-core cannot read the dist_checkpointing folder, or None.
+
+    Checkpoints are forward-compatible only: megatron-core 0.19 reads what 0.16-0.18 wrote, but
+    0.19 keeps the common state inside the torch_dist files, which 0.16-0.18 cannot read.
+    """
+    folder = Path(folder)
+    if not (folder / ".metadata").is_file() or (folder / COMMON_STATE_FILE).is_file():
+        return None
+    installed = installed_version()
+    if installed >= COMMON_STATE_EMBEDDED_SINCE:
+        return None
+    writer = written_by(folder)
+    who = f"megatron-core {writer}" if writer else f"megatron-core >= {COMMON_STATE_EMBEDDED_SINCE}"
+    return (
+        f"{folder} was written by {who}, whose format (no {COMMON_STATE_FILE}: the common "
+        f"state is inside the torch_dist files) megatron-core {installed} cannot read; load it "
+        f"with megatron-core >= {COMMON_STATE_EMBEDDED_SINCE} (bash scripts/setup_venv.sh "
+        f"--python 3.12), or convert / save it again under megatron-core {installed} "
+        "(checkpoints are forward-compatible only, docs/training.md)"
+    )

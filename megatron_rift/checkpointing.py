@@ -19,20 +19,28 @@ point leaves the previous checkpoint and tracker intact.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
 
+from megatron_rift import megatron_compat
 from megatron_rift.checkpoint_layout import (  # noqa: F401  (re-exported)
     RELEASE,
     TRACKER_FILE,
+    WRITER_FILE,
     iteration_dir_name,
     read_tracker,
+    unreadable_reason,
+    writer_record,
 )
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint the installed megatron-core cannot read (the message says what to do)."""
 
 
 def latest_checkpoint_dir(ckpt_root: str | Path) -> Path | None:
@@ -101,7 +109,9 @@ def save_checkpoint(
             shutil.rmtree(tmp)  # left by a save that crashed
         tmp.mkdir()
     barrier()
-    dist_checkpointing.save(sharded_state_dict, str(tmp))
+    megatron_compat.save_distributed(sharded_state_dict, str(tmp))
+    if global_rank() == 0:  # which versions wrote it: the format differs between them
+        (tmp / WRITER_FILE).write_text(json.dumps(writer_record(), indent=2) + "\n")
     barrier()
     if before_publish is not None:
         before_publish(tmp)
@@ -126,7 +136,10 @@ def load_checkpoint(checkpoint_dir: str | Path, sharded_state_dict: dict) -> dic
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-    return dist_checkpointing.load(sharded_state_dict, str(folder))
+    reason = unreadable_reason(folder)
+    if reason:
+        raise CheckpointFormatError(reason)
+    return megatron_compat.load_distributed(sharded_state_dict, str(folder))
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""Run Megatron-Core 0.16.x on machines without CUDA (gloo backend, CPU tensors).
+"""Run Megatron-Core (0.16.1 to 0.19.2) on machines without CUDA (gloo backend, CPU tensors).
 
 Megatron-Core hard-codes CUDA in many places that are otherwise device-agnostic: ``device="cuda"``
 literals in the pipeline schedules, ``torch.cuda.current_device()`` in DDP's grad buffers and the
@@ -19,6 +19,8 @@ import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from megatron_rift.megatron_compat import Patch
 
 _CPU = torch.device("cpu")
 _lock = threading.Lock()
@@ -123,15 +125,26 @@ def _patch_torch_cuda() -> None:
     cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(int(seed))
 
 
+# The RNG tracker restores generator states through torch.cuda._lazy_call, which never runs
+# without CUDA: the CPU generator would be left on a per-TP-rank seed and TP=1 and TP=2 would
+# initialize different weights. Seen in 0.16.1 and 0.19.2 (tests/test_megatron_versions.py shows
+# the bug and the fix on each); the patch restores the CPU generator instead.
+RNG_STATE_PATCH = Patch(
+    name="restore the CPU generator in the CUDA RNG tracker",
+    target="megatron.core.tensor_parallel.random:_set_cuda_rng_state",
+    versions=">=0.16.1,<=0.19.2",
+    parameters=("new_state", "device", "graph_safe"),
+)
+
+
+def _set_rng_state_on_cpu(new_state, device=-1, graph_safe=False):
+    torch.default_generator.set_state(new_state)
+
+
 def _patch_megatron_rng() -> None:
-    # The RNG tracker restores generator states through torch.cuda._lazy_call, which never runs
-    # without CUDA: the CPU generator would be left on a per-TP-rank seed and TP=1 and TP=2 would
-    # initialize different weights. Restore the CPU generator instead.
     from megatron.core.tensor_parallel import random as mcore_random
 
-    def _set_rng_state_on_cpu(new_state, device=-1, graph_safe=False):
-        torch.default_generator.set_state(new_state)
-
+    RNG_STATE_PATCH.verify()
     mcore_random._set_cuda_rng_state = _set_rng_state_on_cpu
 
 

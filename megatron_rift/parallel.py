@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from megatron_rift import megatron_compat
 from megatron_rift.cpu_compat import enable_cpu_compat
 
 
@@ -31,6 +32,7 @@ def init_distributed(
 
     A plain ``python`` launch works too: it becomes a world of one on a free local port.
     """
+    megatron_compat.check_supported()
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         enable_cpu_compat()
@@ -39,9 +41,8 @@ def init_distributed(
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         _init_process_group("nccl" if on_gpu else "gloo", timeout_minutes)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tensor_model_parallel_size,
-            pipeline_model_parallel_size=pipeline_model_parallel_size,
+        megatron_compat.initialize_model_parallel(
+            tensor_model_parallel_size, pipeline_model_parallel_size
         )
     set_seed(seed)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
+from megatron_rift.megatron_compat import quiet_known_messages
 from megatron_rift.training.arguments import parse_train_config
 from megatron_rift.training.preflight import ConfigError, preflight
 
@@ -29,17 +30,19 @@ def _report(error: Exception) -> int:
 
 
 def main(argv=None) -> int:
+    quiet_known_messages()  # Megatron-Core's expected warnings (megatron_compat.KNOWN_WARNINGS)
     config = parse_train_config(argv)
     try:
         plan = preflight(config, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as error:
         return _report(error)
     # Heavy imports (torch, Megatron) only once the configuration is known to be good.
+    from megatron_rift.megatron_compat import UnsupportedMegatronCore
     from megatron_rift.training.loop import run_training
 
     try:
         run_training(config, plan)
-    except ConfigError as error:  # found while opening the data or a checkpoint: same on all ranks
+    except (ConfigError, UnsupportedMegatronCore) as error:  # the same verdict on every rank
         return _report(error)
     return 0
 

@@ -5,11 +5,23 @@ file changed; the registry also refuses clashes and its entries are what the tra
 from __future__ import annotations
 
 import math
+import sys
 
-import pytest
+# Imported by the trainer as its --plugin (no pytest there), or collected by pytest: only the
+# trainer registers at import, so the objective does not leak into other tests' registry.
+AS_PLUGIN = "pytest" not in sys.modules
 
-from megatron_rift.objectives import Objective, Unit, get_objective, objectives, register
-from tests.workers.train_runs import prepared_assets, read_metrics, run_trainer
+import pytest  # noqa: E402
+
+from megatron_rift.objectives import (  # noqa: E402
+    Objective,
+    Unit,
+    get_objective,
+    objectives,
+    register,
+    unregister,
+)
+from tests.workers.train_runs import prepared_assets, read_metrics, run_trainer  # noqa: E402
 
 SCALE = 3.0
 NAME = "scaled_sft_for_test"
@@ -23,9 +35,8 @@ def scaled_sft_loss(per_token_ce, batch, settings, data_parallel_group=None):
     return SCALE * loss_sum, count, metrics
 
 
-# Registered when the trainer imports this module (--plugin) and when pytest collects it.
-SCALED_SFT = register(
-    Objective(
+def scaled_sft() -> Objective:
+    return Objective(
         NAME,
         "SFT times a constant (a test of the registry)",
         f"{__name__}:scaled_sft_loss",
@@ -33,7 +44,18 @@ SCALED_SFT = register(
         uses_rewards=False,
         metrics=get_objective("sft").metrics,
     )
-)
+
+
+if AS_PLUGIN:
+    register(scaled_sft())
+
+
+@pytest.fixture
+def registered():
+    """The objective registered in this process for one test, then removed again."""
+    objective = register(scaled_sft())
+    yield objective
+    unregister(objective.name)
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +103,14 @@ def test_a_plugin_objective_trains_through_the_trainer(assets, tmp_path):
     assert math.isclose(scaled["grad_norm"], SCALE * sft["grad_norm"], rel_tol=1e-5)
 
 
-def test_registry_refuses_a_second_objective_of_the_same_name():
+def test_registry_refuses_a_second_objective_of_the_same_name(registered):
     with pytest.raises(ValueError, match="already registered"):
         register(Objective(NAME, "again", f"{__name__}:scaled_sft_loss", 1e-5))
     with pytest.raises(KeyError, match="unknown objective 'ppo'; choose one of sft, dft"):
         get_objective("ppo")
 
 
-def test_every_entry_loads_its_loss_and_pairs_units_with_references():
+def test_every_entry_loads_its_loss_and_pairs_units_with_references(registered):
     for objective in objectives():
         assert callable(objective.load_loss()), objective.name
         assert objective.default_lr > 0

@@ -88,6 +88,9 @@ def _model_fields(args: argparse.Namespace, world_size: int, dataset_vocab: int)
 
 
 def main(argv=None) -> int:
+    from megatron_rift.megatron_compat import quiet_known_messages
+
+    quiet_known_messages()
     args = parse_args(argv)
     from megatron_rift.data.preference import ref_paths
 

@@ -17,7 +17,8 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from tqdm import tqdm
 
-from megatron_rift.checkpoint_layout import HF_CONFIG_DIR, TOKENIZER_DIR
+from megatron_rift import megatron_compat
+from megatron_rift.checkpoint_layout import HF_CONFIG_DIR, TOKENIZER_DIR, unreadable_reason
 from megatron_rift.checkpointing import TRACKER_FILE, latest_checkpoint_dir
 from megatron_rift.convert.distributed import ensure_parallel_state, is_main_rank
 from megatron_rift.convert.dtypes import dtype_from_name
@@ -51,6 +52,9 @@ def resolve_megatron_checkpoint(path: str | Path) -> tuple[Path, Path]:
             f"{path} is not a Megatron checkpoint: expected a root with {TRACKER_FILE} "
             "or an iteration folder (release/, iter_XXXXXXX/) with .metadata"
         )
+    reason = unreadable_reason(folder)
+    if reason:
+        raise ConversionError(reason)
     return root, folder
 
 
@@ -81,7 +85,9 @@ class DistCheckpointReader:
                     key, data, (0, layer, meta.global_shape[0])
                 )
         # A subset of the layers is requested on purpose: skip the check that every shard is read.
-        loaded = dist_checkpointing.load(request, str(self.folder), validate_access_integrity=False)
+        loaded = megatron_compat.load_distributed(
+            request, str(self.folder), validate_access_integrity=False
+        )
         return {
             name: t[0] if checkpoint_key(name)[1] is not None else t for name, t in loaded.items()
         }

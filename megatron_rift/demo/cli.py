@@ -14,10 +14,10 @@ import datetime
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from megatron_rift.demo.config import DEFAULT_METHODS, METHODS, DemoConfig
+from megatron_rift.megatron_compat import quiet_known_messages
 from megatron_rift.objectives import RFT, RIFT
 
 # `--miniature`: the whole pipeline in about a minute on 2 cores (a smoke test, e.g. in CI).
@@ -186,14 +186,9 @@ def config_from_args(args) -> DemoConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Megatron-Core warns at import that it falls back to torch without TE/Apex: expected on the
-    # CPU machine this demo is sized for, and it would break into the progress bar. The trainer's
-    # own logs keep the warning.
-    warnings.filterwarnings(
-        "ignore",
-        message=r"(Transformer Engine and )?Apex (are|is) not installed",
-        category=UserWarning,
-    )
+    # Megatron-Core's expected warnings (no TE/Apex on CPU, 0.19's deprecations) would break into
+    # the progress bar; megatron_compat.KNOWN_WARNINGS says why each is expected.
+    quiet_known_messages()
     cfg = config_from_args(args)
     if args.problems:
         from megatron_rift.demo.task import ProblemsFileError, load_problems_file

@@ -19,6 +19,7 @@ from megatron_rift.objectives.registry import (
     objective_names,
     objectives,
     register,
+    unregister,
 )
 from megatron_rift.objectives.spec import Objective, PreflightRule, Unit
 
@@ -40,4 +41,5 @@ __all__ = [
     "objective_names",
     "objectives",
     "register",
+    "unregister",
 ]

@@ -26,6 +26,14 @@ def register(objective: Objective) -> Objective:
     return objective
 
 
+def unregister(name: str) -> Objective:
+    """Remove a registered objective (tests and notebooks that register their own); returns it."""
+    try:
+        return _REGISTRY.pop(name)
+    except KeyError:
+        raise KeyError(f"objective {name!r} is not registered") from None
+
+
 def get_objective(name: str) -> Objective:
     try:
         return _REGISTRY[name]

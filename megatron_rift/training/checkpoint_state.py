@@ -31,9 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_rift import megatron_compat
 from megatron_rift.checkpoint_layout import HF_CONFIG_DIR, TOKENIZER_DIR
 from megatron_rift.checkpointing import (
     iteration_dir_name,
@@ -238,7 +239,7 @@ def load_start_state(ckpt: CheckpointConfig, plan, components, data, log) -> int
 
 
 def _resume(ckpt: CheckpointConfig, components, data, folder: Path, log) -> int:
-    common = dist_checkpointing.load_common_state_dict(str(folder))
+    common = megatron_compat.load_common_state(str(folder))
     if "megatron_rift" not in common or "iteration" not in common:
         raise ConfigError(
             f"{folder} is not a megatron-rift trainer checkpoint; to fine-tune "

@@ -1,27 +1,30 @@
-"""Work around megatron-core 0.16.1's distributed-optimizer checkpoint loading with torch's Adam/AdamW.
+"""Work around Megatron-Core's distributed-optimizer checkpoint loading with torch's Adam/AdamW.
 
 Megatron's ``DistributedOptimizer`` falls back to ``torch.optim.AdamW`` when neither Apex nor
 Transformer Engine is installed (``distrib_optimizer.HAVE_APEX_OR_TE is False``; any device, GPU
-included). Its checkpoint *load* path then has three bugs (line numbers of
-``megatron/core/optimizer/distrib_optimizer.py``, megatron-core 0.16.1):
+included). Its checkpoint *load* path then has three bugs, in ``megatron/core/optimizer/
+distrib_optimizer.py`` of megatron-core 0.16.1 and 0.19.2 alike (tests/test_megatron_versions.py
+shows each bug and its fix on both legs of the version matrix):
 
-1. :642 ``state_dict()`` asserts ``len(steps) == 1`` over the per-parameter ``step`` states; a
-   fresh optimizer has no state, so building the sharded state dict for loading fails.
+1. ``DistributedOptimizer.state_dict`` asserts ``len(steps) == 1`` over the per-parameter ``step``
+   states; a fresh optimizer has no state, so building the sharded state dict for loading fails.
    Fix: :func:`prepare_for_load` gives the fresh optimizer the state AdamW would create lazily
    (zero moments, ``step`` 0), which changes nothing numerically.
-2. :823 ``load_state_dict`` assigns **one shared** ``step`` tensor to every parameter. torch's AdamW
-   increments ``step`` in place once per parameter, so after a resume the bias correction sees
-   ``step`` jump by the number of parameters each iteration: silently wrong updates.
-   Fix: :func:`unshare_step_states` gives each parameter its own clone after the load.
-3. :940 ``_set_main_param_and_optimizer_states`` copies every key of the optimizer state, ``step``
+2. ``DistributedOptimizer.load_state_dict`` assigns **one shared** ``step`` tensor to every
+   parameter. torch's AdamW increments ``step`` in place once per parameter, so after a resume the
+   bias correction sees ``step`` jump by the number of parameters each iteration: silently wrong
+   updates. Fix: :func:`unshare_step_states` gives each parameter its own clone after the load.
+3. ``_set_main_param_and_optimizer_states`` copies every key of the optimizer state, ``step``
    included, from the loaded tensors, which never carry ``step`` (``KeyError: 'step'``), and copies
    into the fp32 main parameter (a leaf that requires grad) with autograd on.
    Fix: :func:`patched_state_setter`, used only around the load, copies the loaded keys under
    ``no_grad``.
 
 With these, resuming a ``fully_reshardable`` distributed-optimizer checkpoint continues bitwise
-(same TP/PP/DP) or within float tolerance (other TP). Remove this module when megatron-core fixes
-the load path; ``tests/test_train_resume.py`` covers it.
+(same TP/PP/DP) or within float tolerance (other TP). :data:`STATE_SETTER_PATCH` names the versions
+this was checked on; another version fails at the first load with that patch named
+(:class:`megatron_rift.megatron_compat.UnsupportedMegatronCore`). Remove this module when
+megatron-core fixes the load path.
 """
 
 from __future__ import annotations
@@ -31,6 +34,16 @@ import contextlib
 import torch
 from megatron.core.optimizer import distrib_optimizer as _distrib
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+from megatron_rift.megatron_compat import Patch
+
+STATE_SETTER_PATCH = Patch(
+    name="distributed-optimizer load with torch AdamW (shared step, KeyError 'step')",
+    target="megatron.core.optimizer.distrib_optimizer:"
+    "DistributedOptimizer._set_main_param_and_optimizer_states",
+    versions=">=0.16.1,<=0.19.2",
+    parameters=("self", "model_param", "tensors"),
+)
 
 # Save format for the distributed optimizer: the default (fully_sharded_model_space) fails at save
 # with torch's AdamW ("ShardedTensor.flattened_range is not supported"); fully_reshardable saves
@@ -45,7 +58,11 @@ def distributed_optimizers(optimizer) -> list:
 
 
 def needs_fixes(optimizer) -> bool:
-    return not _distrib.HAVE_APEX_OR_TE and bool(distributed_optimizers(optimizer))
+    """The bugs apply (torch's AdamW inside a DistributedOptimizer); checks the version first."""
+    if _distrib.HAVE_APEX_OR_TE or not distributed_optimizers(optimizer):
+        return False
+    STATE_SETTER_PATCH.verify()
+    return True
 
 
 def prepare_for_load(optimizer) -> None:

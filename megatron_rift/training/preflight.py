@@ -17,7 +17,7 @@ import math
 import os
 from pathlib import Path
 
-from megatron_rift.checkpoint_layout import TRACKER_FILE
+from megatron_rift.checkpoint_layout import TRACKER_FILE, iteration_dir_name, unreadable_reason
 from megatron_rift.data.format import OUTPUT_SUFFIXES
 from megatron_rift.model_source import (
     ConfigError,
@@ -260,6 +260,10 @@ def preflight(config: TrainConfig, world_size: int) -> RunPlan:
     if config.data.seq_length is not None and config.data.seq_length < 2:
         fail(f"--seq-length must be at least 2, got {config.data.seq_length}")
     start, start_dir, start_iter = start_point(config.checkpoint)
+    if start_dir is not None:  # e.g. written under a newer megatron-core than this one
+        reason = unreadable_reason(Path(start_dir) / iteration_dir_name(start_iter))
+        if reason:
+            fail(reason)
     dataset_vocab = int(info["tokenizer"]["vocab_size"])
     fields, source = resolve_architecture(config.architecture.given(), dataset_vocab, start_dir)
     check_architecture(fields, tp, pp, dataset_vocab, source)

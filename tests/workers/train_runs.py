@@ -58,7 +58,12 @@ def _env(extra: dict | None = None) -> dict:
 
 
 def start_trainer(
-    run_dir: Path, nproc: int, args: list[str], env: dict | None = None, kill_at: str | None = None
+    run_dir: Path,
+    nproc: int,
+    args: list[str],
+    env: dict | None = None,
+    kill_at: str | None = None,
+    python: str = sys.executable,
 ) -> subprocess.Popen:
     """Start torchrun in its own session; output goes to run_dir/output.txt. ``kill_at``
     ("step:N" or "save:N") runs tests.workers.killing_trainer, which SIGKILLs rank 0 there."""
@@ -69,7 +74,7 @@ def start_trainer(
         else ["tests.workers.killing_trainer", "--kill-at", kill_at]
     )
     cmd = [
-        sys.executable,
+        python,
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
@@ -90,7 +95,9 @@ def start_trainer(
     )
 
 
-def start_ranks_without_launcher(run_dir: Path, nproc: int, args: list[str]) -> list:
+def start_ranks_without_launcher(
+    run_dir: Path, nproc: int, args: list[str], python: str = sys.executable
+) -> list:
     """Start ``nproc`` independent trainer processes with torchrun's environment (RANK,
     WORLD_SIZE, MASTER_ADDR/PORT). Unlike torchrun, nothing kills the others when one exits, so
     each rank's own verdict is observable; a rank that wrongly went on to init_process_group would
@@ -110,7 +117,7 @@ def start_ranks_without_launcher(run_dir: Path, nproc: int, args: list[str]) -> 
         output = open(run_dir / f"rank{rank}.txt", "w")
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "megatron_rift.train", *args],
+                [python, "-m", "megatron_rift.train", *args],
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 env=_env(env),
@@ -169,8 +176,11 @@ def run_trainer(
     env: dict | None = None,
     expect_success: bool = True,
     kill_at: str | None = None,
+    python: str = sys.executable,
 ) -> tuple[int, str]:
-    code, output, _ = wait_trainer(start_trainer(run_dir, nproc, args, env, kill_at), run_dir)
+    code, output, _ = wait_trainer(
+        start_trainer(run_dir, nproc, args, env, kill_at, python), run_dir
+    )
     if expect_success and code != 0:
         raise AssertionError(f"trainer failed (exit {code}):\n{output[-8000:]}")
     return code, output
