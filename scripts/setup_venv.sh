@@ -50,4 +50,4 @@ fi
 "${PIP[@]}" -e ".[all]" "megatron-core==$MCORE" 2>&1 | { grep -v "^WARNING: Location" || true; }
 # The import check; Megatron-Core's import-time "no TE/Apex, falling back to torch" warnings are
 # expected without a GPU and are left out here.
-"$VENV/bin/python" -W "ignore::UserWarning" -W "ignore::FutureWarning" -c "import sys, torch, megatron.core, megatron_rift; print(f'megatron-rift ready ({sys.argv[1]}): Python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {megatron.core.__version__}')" "$VENV"
+"$VENV/bin/python" -W "ignore::UserWarning" -W "ignore::FutureWarning" -c "import importlib.metadata, sys, torch, megatron.core, megatron_rift; mcore = importlib.metadata.version('megatron-core'); print(f'megatron-rift ready ({sys.argv[1]}): Python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {mcore}')" "$VENV"
