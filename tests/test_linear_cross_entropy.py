@@ -35,6 +35,7 @@ from tests.workers.train_runs import (
 )
 
 TOLERANCE = 1e-5
+BF16_TOLERANCE = 1e-2  # bf16 GEMMs: one rounding of dW (unfused) vs one per chunk (fused)
 TOKEN_OBJECTIVES = {o.name for o in objectives() if o.unit is Unit.ROLLOUT}
 
 
@@ -56,17 +57,21 @@ def check_worker_results(results: dict, tp: int) -> float:
         assert names.issuperset(cases), sorted(set(cases) - names)
     if tp > 1:
         assert "rift/token/sequence_parallel" in names
+    bf16 = results["bf16/rift/token/main_grad"]
+    assert not bf16["weight_grad_returned"] and bf16["grad_added_to_main_grad"]
     for case, figures in results.items():
         if not isinstance(figures, dict):
             continue
         assert figures["finite"], f"{case}: NaN or inf"
+        tolerance = BF16_TOLERANCE if case.startswith("bf16/") else TOLERANCE
         for quantity, value in figures.items():
             if not isinstance(value, list):
                 continue
             diff, scale = value
             relative = diff / max(1.0, scale)
-            worst = max(worst, relative)
-            assert relative <= TOLERANCE, f"{case} {quantity}: {diff} (scale {scale})"
+            if tolerance == TOLERANCE:
+                worst = max(worst, relative)
+            assert relative <= tolerance, f"{case} {quantity}: {diff} (scale {scale})"
         objective = case.split("/")[0]
         if case.endswith("all_masked") and objective in TOKEN_OBJECTIVES:
             assert figures["fused_loss"] == 0.0, case  # nothing counted: 0, not NaN

@@ -143,6 +143,9 @@ def function_cases(tp: int, rank: int) -> dict:
             _run(fused(labels_sup, 5), hidden_sup, weight_sup[local], loss),
             _run(unfused(labels_sup), hidden_sup, weight_sup[local], loss),
         )
+    results["bf16/rift/token/main_grad"] = bf16_case(
+        unfused(labels), fused(labels, 5), hidden, weight[local], mask
+    )
     if tp > 1:  # sequence parallelism: each rank holds S' / TP positions of the hidden states
         seq = 8
         hidden_sp = torch.randn(seq, B, H, generator=g)
@@ -160,6 +163,30 @@ def function_cases(tp: int, rank: int) -> dict:
         reference["grad_hidden"] = reference["grad_hidden"][part]
         results["rift/token/sequence_parallel"] = _compare(got, reference)
     return results
+
+
+def bf16_case(unfused, fused, hidden, weight, mask) -> dict:
+    """bf16 inputs (as under Float16Module); the fused weight gradient goes into an fp32
+    ``main_grad`` as with Megatron's DDP (whose hook adds the unfused path's bf16 ``param.grad``)."""
+    loss = _loss(RIFT, "token", _batch(RIFT, mask))
+    reference = _run(unfused, hidden.bfloat16(), weight.bfloat16(), loss)
+    x = hidden.bfloat16().requires_grad_(True)
+    w = weight.bfloat16().requires_grad_(True)
+    w.main_grad = torch.zeros(w.shape, dtype=torch.float32)
+    w.grad_added_to_main_grad = False
+    ce = fused(x, w)
+    value = loss(ce.transpose(0, 1))
+    value.backward()
+    got = {
+        "ce": ce.detach(),
+        "loss": value.detach(),
+        "grad_hidden": x.grad,
+        "grad_weight": w.main_grad,
+    }
+    out = _compare(got, reference)
+    out["weight_grad_returned"] = w.grad is not None  # into main_grad instead, flagged for DDP
+    out["grad_added_to_main_grad"] = bool(w.grad_added_to_main_grad)
+    return out
 
 
 def model_cases(tp: int) -> dict:
