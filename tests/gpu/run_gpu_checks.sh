@@ -27,3 +27,12 @@ fi
 "$PY" benchmarks/train_step.py --vocab-size 32768 --seq-length 1024 --micro-batch-size 8 \
     --hidden-size 512 --num-layers 4 --num-attention-heads 8 --rounds 40 \
     | tee "$OUT/train_step_benchmark.md"
+
+# 4. --cross-entropy-loss-fusion: the fused output layer + CE at Qwen2.5-1.5B's shape with 8192
+#    tokens (torch.cuda.max_memory_allocated; fp32 and bf16), and, with 2 or more GPUs, its parity,
+#    training and resume tests on NCCL.
+"$PY" benchmarks/output_layer.py --tokens 8192 --rounds 5 | tee "$OUT/output_layer_benchmark.md"
+if [ "$NGPU" -ge 2 ]; then
+  "$PY" -m pytest tests/test_linear_cross_entropy.py -q -rs --basetemp="$OUT/pytest_fused_ce" \
+      2>&1 | tee -a "$OUT/gpu_checks.log"
+fi

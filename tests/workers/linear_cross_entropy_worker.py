@@ -35,6 +35,13 @@ ROLES = {
 }
 
 
+def _device() -> torch.device:
+    """This rank's GPU (after init_distributed chose it), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _variants():
     """(case name, objective, negative mode) for every registered objective."""
     for objective in objectives():
@@ -45,15 +52,22 @@ def _variants():
 
 def _batch(objective, loss_mask: torch.Tensor) -> dict:
     """A micro-batch of B one-sample rows for ``objective`` (masks are [b, s])."""
+    device = loss_mask.device
     if objective.unit is Unit.ROLLOUT:
-        return {"loss_mask": loss_mask, "rewards": torch.tensor([1.0, -0.2, 0.0, -3.0])}
+        return {
+            "loss_mask": loss_mask,
+            "rewards": torch.tensor([1.0, -0.2, 0.0, -3.0], device=device),
+        }
+    b, s = loss_mask.shape
     batch = {
         "loss_mask": loss_mask,
-        "segment_ids": torch.arange(B).unsqueeze(1).expand(B, S).contiguous(),
-        "roles": torch.tensor(ROLES[objective.unit]),
+        "segment_ids": torch.arange(b, device=device).unsqueeze(1).expand(b, s).contiguous(),
+        "roles": torch.tensor(ROLES[objective.unit], device=device),
     }
     if objective.reference:
-        batch["ref_logprobs"] = torch.tensor([-30.0, -41.0, -25.0, -52.0], dtype=torch.float64)
+        batch["ref_logprobs"] = torch.tensor(
+            [-30.0, -41.0, -25.0, -52.0], dtype=torch.float64, device=device
+        )
     return batch
 
 
@@ -90,10 +104,11 @@ def function_cases(tp: int, rank: int) -> dict:
     group = parallel_state.get_tensor_model_parallel_group()
     shard = V // tp
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(S, B, H, generator=g)
-    weight = torch.randn(V, H, generator=g) * 0.5
-    labels = torch.randint(0, V, (S, B), generator=g)
-    mask = (torch.rand(B, S, generator=g) > 0.3).float()
+    device = _device()
+    hidden = torch.randn(S, B, H, generator=g).to(device)
+    weight = (torch.randn(V, H, generator=g) * 0.5).to(device)
+    labels = torch.randint(0, V, (S, B), generator=g).to(device)
+    mask = (torch.rand(B, S, generator=g) > 0.3).float().to(device)
     mask[:, 0] = 0
     # -1e4 at the target: a constant feature and one vocabulary row that reads only it.
     hidden_sup = hidden.clone()
@@ -148,13 +163,16 @@ def function_cases(tp: int, rank: int) -> dict:
     )
     if tp > 1:  # sequence parallelism: each rank holds S' / TP positions of the hidden states
         seq = 8
-        hidden_sp = torch.randn(seq, B, H, generator=g)
-        labels_sp = torch.randint(0, V, (seq, B), generator=g)
+        hidden_sp = torch.randn(seq, B, H, generator=g).to(device)
+        labels_sp = torch.randint(0, V, (seq, B), generator=g).to(device)
         part = slice(rank * seq // tp, (rank + 1) * seq // tp)
         rift = _loss(
             RIFT,
             "token",
-            {"loss_mask": torch.ones(B, seq), "rewards": torch.tensor([1.0, -0.2, 0.5, -1.0])},
+            {
+                "loss_mask": torch.ones(B, seq, device=device),
+                "rewards": torch.tensor([1.0, -0.2, 0.5, -1.0], device=device),
+            },
         )
         got = _run(
             fused(labels_sp, 3, sequence_parallel=True), hidden_sp[part], weight[local], rift
@@ -172,7 +190,7 @@ def bf16_case(unfused, fused, hidden, weight, mask) -> dict:
     reference = _run(unfused, hidden.bfloat16(), weight.bfloat16(), loss)
     x = hidden.bfloat16().requires_grad_(True)
     w = weight.bfloat16().requires_grad_(True)
-    w.main_grad = torch.zeros(w.shape, dtype=torch.float32)
+    w.main_grad = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
     w.grad_added_to_main_grad = False
     ce = fused(x, w)
     value = loss(ce.transpose(0, 1))
@@ -191,10 +209,11 @@ def bf16_case(unfused, fused, hidden, weight, mask) -> dict:
 
 def model_cases(tp: int) -> dict:
     results = {}
-    tokens = torch.randint(0, 256, (4, 9), generator=torch.Generator().manual_seed(1))
+    device = _device()
+    tokens = torch.randint(0, 256, (4, 9), generator=torch.Generator().manual_seed(1)).to(device)
     labels = torch.roll(tokens, -1, dims=1)
-    position_ids = torch.arange(9).unsqueeze(0).expand(4, 9)
-    mask = torch.ones(4, 9)
+    position_ids = torch.arange(9, device=device).unsqueeze(0).expand(4, 9)
+    mask = torch.ones(4, 9, device=device)
     mask[:, :3] = 0
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
     for tied in (True, False):
@@ -224,8 +243,6 @@ def model_cases(tp: int) -> dict:
         models = [DistributedDataParallel(config, ddp_config, m) for m in (plain, fused)]
         for objective, mode in ((RIFT, "token"), (get_objective("dpo"), "token")):
             batch = _batch(objective, mask)
-            if objective.unit is not Unit.ROLLOUT:
-                batch["segment_ids"] = torch.arange(4).unsqueeze(1).expand(4, 9).contiguous()
             loss = _loss(objective, mode, batch)
             out = []
             for model in models:
