@@ -4,9 +4,11 @@
   entropy`` (tests/workers/linear_cross_entropy_worker.py), at TP=1 (in this process) and TP=2: every
   registry objective, tied and untied embeddings, chunks that do and do not divide the tokens, an
   all-masked micro-batch, targets with logits at -1e4, sequence parallelism. Tolerance: 1e-5 of
-  max(1, the largest reference value) in fp32.
+  max(1, the largest reference value) in fp32; and bf16 with the weight gradient going into an fp32
+  ``main_grad`` (1e-2: the unfused weight gradient is rounded to bf16 once, the fused one per chunk).
 * The trainer: 5+ steps of rift and dpo with the fusion give the unfused per-step losses within 1e-5
-  relative at TP=1, TP=2 and PP=2; dpo's reference log-probs come from the reference tool with the
+  relative at TP=1, TP=2 and PP=2 (against the unfused TP=1 runs, which the parallel tests show
+  equal to the unfused TP=2 and PP=2 ones); dpo's reference log-probs come from the reference tool with the
   fusion on (step 1's loss is then log 2: the fused scores equal the unfused policy's). A fused run
   killed after step 4 resumes bitwise.
 * Preflight: settings the fusion cannot run with stop every rank with one message.
@@ -136,9 +138,11 @@ def test_preflight_refuses_what_the_fusion_cannot_run(monkeypatch, fields, versi
     monkeypatch.setattr(preflight, "_megatron_core_version", lambda: version)
     with pytest.raises(ConfigError, match=message):
         preflight.check_cross_entropy_fusion(PrecisionConfig(**fields))
-    # The installed version is in the range, and a plain fused run passes.
+    # The installed version (None: not installed as a package) passes with a plain fused run.
     monkeypatch.undo()
-    assert preflight._megatron_core_version() is not None
+    low, high = preflight.CROSS_ENTROPY_FUSION_MEGATRON
+    installed = preflight._megatron_core_version()
+    assert installed is None or low <= installed <= high
     preflight.check_cross_entropy_fusion(PrecisionConfig(cross_entropy_loss_fusion=True))
 
 
