@@ -23,6 +23,11 @@ Memory:
   also adds the transient peak of the reference's ``no_grad`` forward (it runs while the policy's
   saved activations are alive; measured once with a dispatch mode that tracks live storages).
 
+``rift (fused CE)`` is RIFT on a second model built with ``--cross-entropy-loss-fusion`` (the
+same initial weights): the output layer and the CE in chunks of tokens, so the forward saves no
+``[tokens, vocab]`` softmax for backward (megatron_rift/model/linear_cross_entropy.py;
+benchmarks/output_layer.py measures that layer alone at Qwen2.5-1.5B's shape).
+
 Preference rows (``dpo (precomputed)``, ``dpo (online)``, ``kto``, ``simpo``) run the trainer's
 preference path (``make_forward_step`` with the objective's ``LossSettings``, its default beta)
 on the very same rows as sft:
@@ -48,10 +53,12 @@ import weakref
 
 import torch
 
-from megatron_rift.objectives import DPO, SFT, Objective, Unit, get_objective, objectives
+from megatron_rift.objectives import DPO, RIFT, SFT, Objective, Unit, get_objective, objectives
 
 BASELINE = SFT.name  # the "vs sft" columns
 OBJECTIVES = tuple(o.name for o in objectives() if o.unit is Unit.ROLLOUT)
+# RIFT once more on a second, identical model built with --cross-entropy-loss-fusion.
+FUSED_ROW = f"{RIFT.name} (fused CE)"
 # The preference objective that also gets a row with the online reference (--reference online).
 ONLINE_OBJECTIVE = DPO
 
@@ -71,7 +78,7 @@ def _preference_rows() -> dict[str, tuple[Objective, bool]]:
 
 
 PREFERENCE_ROWS = _preference_rows()
-ROWS = OBJECTIVES + tuple(PREFERENCE_ROWS)
+ROWS = (*OBJECTIVES, FUSED_ROW, *PREFERENCE_ROWS)
 # Issue target: <= 1.05x sft peak memory.
 TARGET_ROW, TARGET_RATIO = f"{ONLINE_OBJECTIVE.name} (precomputed)", 1.05
 
@@ -97,10 +104,16 @@ def parse():
     return p.parse_args()
 
 
-def build(bench):
-    """(the run's TrainConfig, the trainer's TrainingComponents) for a from-scratch model."""
+def build(bench, fused: bool = False):
+    """(the run's TrainConfig, the trainer's TrainingComponents) for a from-scratch model (the same
+    initial weights every call); ``fused``: with ``--cross-entropy-loss-fusion``."""
     from megatron_rift.parallel import init_distributed
-    from megatron_rift.training.config import DataConfig, ScheduleConfig, TrainConfig
+    from megatron_rift.training.config import (
+        DataConfig,
+        PrecisionConfig,
+        ScheduleConfig,
+        TrainConfig,
+    )
     from megatron_rift.training.preflight import RunPlan
     from megatron_rift.training.setup import setup_training
 
@@ -110,6 +123,7 @@ def build(bench):
         schedule=ScheduleConfig(
             micro_batch_size=bench.micro_batch_size, global_batch_size=bench.micro_batch_size
         ),
+        precision=PrecisionConfig(cross_entropy_loss_fusion=fused),
     )
     arch = dict(
         num_layers=bench.num_layers,
@@ -331,9 +345,14 @@ def main():
     from megatron_rift.training.step import loss_settings, make_forward_step, train_step
 
     torch.set_num_threads(bench.threads)
-    config, components = build(bench)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     on_gpu = device.type == "cuda"
+    allocated = torch.cuda.memory_allocated() if on_gpu else 0
+    config, components = build(bench)
+    policy_allocated = torch.cuda.memory_allocated() - allocated if on_gpu else 0
+    _, fused_components = build(bench, fused=True)
+    fused_allocated = torch.cuda.memory_allocated() - allocated - policy_allocated if on_gpu else 0
+    row_components = {name: fused_components if name == FUSED_ROW else components for name in ROWS}
     batch = synthetic_batch(bench, device)
     tokens_per_step = bench.micro_batch_size * bench.seq_length  # every row: the same b x s rows
     # The frozen reference: a copy of the initial policy, as --reference online would load it.
@@ -343,8 +362,8 @@ def main():
     ref_logprobs = reference_logprobs(reference, batch)  # "precomputed", before any step
     steps, batches = {}, {}
     # The trainer's defaults (negative mode token, each objective's own beta).
-    for name in OBJECTIVES:
-        objective = get_objective(name)
+    for name in (*OBJECTIVES, FUSED_ROW):
+        objective = RIFT if name == FUSED_ROW else get_objective(name)
         steps[name] = make_forward_step(
             objective,
             loss_settings(objective, config.objective),
@@ -368,7 +387,7 @@ def main():
     peak = dict.fromkeys(ROWS, 0)
     for name in ROWS:  # warm-up (allocator, kernels, optimizer state) outside the measurement
         train_step(
-            components,
+            row_components[name],
             iter([batches[name]]),
             1,
             bench.seq_length,
@@ -385,7 +404,7 @@ def main():
                 torch.cuda.synchronize()
             start, cpu_start = time.perf_counter(), time.process_time()
             train_step(
-                components,
+                row_components[name],
                 iter([batches[name]]),
                 1,
                 bench.seq_length,
@@ -395,14 +414,18 @@ def main():
             if on_gpu:
                 torch.cuda.synchronize()
                 # The reference's weights are resident all run; only dpo (online) needs them.
-                used = torch.cuda.max_memory_allocated() - (
-                    0 if uses_reference[name] else reference_allocated
+                # Likewise each row needs only its own policy (the fused row's or the other).
+                used = (
+                    torch.cuda.max_memory_allocated()
+                    - (0 if uses_reference[name] else reference_allocated)
+                    - (policy_allocated if name == FUSED_ROW else fused_allocated)
                 )
                 peak[name] = max(peak[name], used)
             times[name].append(time.perf_counter() - start)
             cpu_times[name].append(time.process_time() - cpu_start)
     saved = {
-        name: measure_saved_bytes(steps[name], components.model[0], batches[name]) for name in ROWS
+        name: measure_saved_bytes(steps[name], row_components[name].model[0], batches[name])
+        for name in ROWS
     }
     policy_state = storage_bytes(policy_state_tensors(components))
     reference_state = storage_bytes(reference_state_tensors(reference))

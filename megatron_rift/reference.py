@@ -107,11 +107,13 @@ def compute_reference_logprobs(
     transformer_impl: str = "auto",
     with_kl: bool = True,
     progress: bool = True,
+    cross_entropy_chunk: int | None = None,
 ) -> dict | None:
     """Score the dataset at ``data_path`` with the model in ``checkpoint`` (root or iteration
     folder) and publish ``output``.npy/.json; returns the summary on rank 0 (None elsewhere).
 
     Runs in the current Megatron parallel state (TP/PP/DP); ``dtype`` is fp32, bf16 or fp16.
+    ``cross_entropy_chunk``: the trainer's ``--cross-entropy-loss-fusion`` (tokens per chunk).
     """
     dataset = RewardDataset(data_path)
     config = stage_transformer_config(
@@ -121,7 +123,13 @@ def compute_reference_logprobs(
         dtype,
         loads_weights=True,
     )
-    model = build_frozen_model(arch, config, resolve_use_te(transformer_impl), checkpoint)
+    model = build_frozen_model(
+        arch,
+        config,
+        resolve_use_te(transformer_impl),
+        checkpoint,
+        cross_entropy_chunk=cross_entropy_chunk,
+    )
     started = time.perf_counter()
     scorer = _Scorer(dataset, seq_length, micro_batch_size, with_kl)
     results = _score_my_share(model, scorer, _sequences(dataset, with_kl), progress)

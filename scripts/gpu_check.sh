@@ -5,6 +5,7 @@
 #      against off (benchmarks/gpu_objectives.py)
 #   3. benchmarks/train_step.py: rift vs sft tokens/s and torch.cuda.max_memory_allocated
 #   4. benchmarks/loss.py on the GPU
+#   5. benchmarks/output_layer.py: the fused output layer + CE against the unfused path, 8192 tokens
 # Writes OUT/gpu_check.json (and each step's log). Without a CUDA GPU it prints one line and exits 0.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]        # default gpu_check_output/
@@ -33,6 +34,7 @@ step objectives 240 "$PY" benchmarks/gpu_objectives.py "$OUT/objectives" --steps
 step train_step 90 "$PY" benchmarks/train_step.py --vocab-size 151936 --seq-length 2048 \
     --micro-batch-size 4 --hidden-size 896 --num-layers 4 --num-attention-heads 14 --rounds 10 --json
 step loss 60 "$PY" benchmarks/loss.py --repeats 5 --json "$OUT/loss.json"
+step output_layer 90 "$PY" benchmarks/output_layer.py --tokens 8192 --rounds 3
 "$PY" - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
@@ -42,8 +44,9 @@ report = {"device": (out / "device.txt").read_text().strip(),
 for name in ("objectives/objectives.json", "loss.json"):
     if (out / name).is_file():
         report[name.split("/")[-1][:-5]] = json.loads((out / name).read_text())
-log = (out / "train_step.log").read_text() if (out / "train_step.log").is_file() else ""
-report["train_step_table"] = log[-4000:]
+for name in ("train_step", "output_layer"):
+    log = out / f"{name}.log"
+    report[f"{name}_table"] = log.read_text()[-4000:] if log.is_file() else ""
 (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
 print(f"gpu_check: wrote {out / 'gpu_check.json'}")
 PY

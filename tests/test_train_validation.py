@@ -94,6 +94,11 @@ def bad_configurations(assets):
         ("plugin_missing", ["--plugin", "no_such_module_xyz"], "--plugin: No module named"),
         ("seq_length", ["--seq-length", "8"], "--seq-length 8 is shorter than rollout"),
         (
+            "fusion_chunk_without_fusion",
+            ["--cross-entropy-fusion-chunk-size", "64"],
+            "has no effect without --cross-entropy-loss-fusion",
+        ),
+        (
             "vocab_padding",
             ["--load", assets["release_vocab100"], "--tensor-model-parallel-size", "2"],
             "the embedding has 128 rows",

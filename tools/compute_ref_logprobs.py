@@ -48,6 +48,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--transformer-impl", choices=("auto", "transformer_engine", "local"), default="auto"
     )
     p.add_argument(
+        "--cross-entropy-loss-fusion",
+        action="store_true",
+        help="output layer + cross-entropy in chunks of tokens, never the whole micro-batch's "
+        "logits (the trainer's flag; same log-probs)",
+    )
+    p.add_argument(
+        "--cross-entropy-fusion-chunk-size",
+        type=int,
+        default=512,
+        help="tokens per chunk of --cross-entropy-loss-fusion",
+    )
+    p.add_argument(
         "--skip-kl-samples",
         action="store_true",
         help="score only the documents (enough for dpo; kto also needs the "
@@ -97,6 +109,8 @@ def main(argv=None) -> int:
     output = args.output or ref_paths(args.data_path)["npy"][: -len(".npy")]
     if args.micro_batch_size < 1:
         return _error("--micro-batch-size must be at least 1")
+    if args.cross_entropy_fusion_chunk_size < 1:
+        return _error("--cross-entropy-fusion-chunk-size must be at least 1")
     existing = [p for p in (output + ".npy", output + ".json") if os.path.exists(p)]
     if existing and not args.overwrite:
         return _error(f"{', '.join(existing)} already exist(s); pass --overwrite to replace them")
@@ -130,6 +144,9 @@ def main(argv=None) -> int:
             transformer_impl=args.transformer_impl,
             with_kl=not args.skip_kl_samples,
             progress=not args.no_progress,
+            cross_entropy_chunk=(
+                args.cross_entropy_fusion_chunk_size if args.cross_entropy_loss_fusion else None
+            ),
         )
     finally:
         destroy_distributed()

@@ -14,6 +14,7 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_rift.model.config import GPTArchitecture
+from megatron_rift.model.linear_cross_entropy import use_linear_cross_entropy
 from megatron_rift.model.spec import get_layer_spec
 
 
@@ -23,10 +24,14 @@ def build_gpt_model(
     use_te: bool | None = None,
     pre_process: bool | None = None,
     post_process: bool | None = None,
+    cross_entropy_chunk: int | None = None,
 ) -> GPTModel:
     """GPTModel for this rank's pipeline stage (stage flags default from parallel_state).
 
-    The vocabulary is padded for the current tensor-parallel size, as Megatron-LM does.
+    The vocabulary is padded for the current tensor-parallel size, as Megatron-LM does. With
+    ``cross_entropy_chunk`` (tokens), ``forward(..., labels=...)`` computes the output layer and the
+    cross-entropy together that many tokens at a time (``--cross-entropy-loss-fusion``,
+    :mod:`megatron_rift.model.linear_cross_entropy`).
     """
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
@@ -51,6 +56,8 @@ def build_gpt_model(
     )
     if not config.perform_initialization:
         mark_tensor_parallel_weights(model)
+    if cross_entropy_chunk is not None:
+        use_linear_cross_entropy(model, cross_entropy_chunk)
     return model
 
 

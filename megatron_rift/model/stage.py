@@ -74,12 +74,15 @@ def build_frozen_model(
     use_te: bool,
     checkpoint: str | None = None,
     state_dict: dict | None = None,
+    cross_entropy_chunk: int | None = None,
 ):
     """A model for scoring only: the trainer's layers and parallel layout, eval mode, no gradients,
-    no DDP, no optimizer. Weights from ``checkpoint`` (root or iteration folder) or ``state_dict``."""
+    no DDP, no optimizer. Weights from ``checkpoint`` (root or iteration folder) or ``state_dict``;
+    ``cross_entropy_chunk`` as for :func:`build_gpt_model`."""
     from megatron_rift.checkpointing import load_model_weights
 
-    model = place_model(build_gpt_model(arch, config, use_te=use_te), config)
+    gpt = build_gpt_model(arch, config, use_te=use_te, cross_entropy_chunk=cross_entropy_chunk)
+    model = place_model(gpt, config)
     if checkpoint is not None:
         load_model_weights(checkpoint, model)
     if state_dict is not None:

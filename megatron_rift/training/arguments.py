@@ -26,7 +26,7 @@ _GROUP_TITLES = {
     "parallel": "parallelism",
     "schedule": "batch and schedule",
     "optimizer": "optimizer (AdamW) and learning-rate schedule",
-    "precision": "precision",
+    "precision": "precision and kernels",
     "architecture": "architecture (from-scratch models; a checkpoint's model_config.json wins, "
     "and a flag that contradicts it is an error)",
     "checkpoint": "checkpointing",

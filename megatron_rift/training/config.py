@@ -21,6 +21,9 @@ from megatron_rift.objectives import NEGATIVE_MODES, REFERENCE_MODES, RIFT
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 TRANSFORMER_IMPLS = ("auto", "transformer_engine", "local")
+CROSS_ENTROPY_FUSIONS = ("linear",)
+# = megatron_rift.model.linear_cross_entropy.DEFAULT_CHUNK_TOKENS (that module imports torch)
+CROSS_ENTROPY_CHUNK_TOKENS = 512
 
 # Paper section 4.1 recipe.
 PAPER_GLOBAL_BATCH_SIZE = 64
@@ -179,10 +182,37 @@ class PrecisionConfig:
     transformer_impl: str = flag(
         "auto", "layer implementation; auto = TE when it runs here", choices=TRANSFORMER_IMPLS
     )
+    # Megatron-LM's names. Its own implementations (native, te) fuse only the softmax and still
+    # build the whole micro-batch's logits; 'linear' is the chunked output layer + CE here
+    # (megatron_rift/model/linear_cross_entropy.py; Megatron-LM's dev branch has one of that name,
+    # for Blackwell GPUs only).
+    cross_entropy_loss_fusion: bool = flag(
+        False,
+        "compute the output layer and the cross-entropy together, a chunk of tokens at a time, "
+        "never holding the whole micro-batch's [tokens, vocab/TP] logits (exact; one extra "
+        "logits GEMM)",
+    )
+    cross_entropy_fusion_impl: str = flag(
+        "linear", "implementation of --cross-entropy-loss-fusion", choices=CROSS_ENTROPY_FUSIONS
+    )
+    cross_entropy_fusion_chunk_size: int | None = flag(
+        None,
+        f"tokens per chunk of --cross-entropy-loss-fusion (default {CROSS_ENTROPY_CHUNK_TOKENS}; "
+        "a chunk's fp32 logits take chunk x vocab/TP x 4 bytes)",
+        metavar="TOKENS",
+    )
 
     @property
     def dtype_name(self) -> str:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+    @property
+    def cross_entropy_chunk(self) -> int | None:
+        """Tokens per chunk of the fused output layer + CE; None when the fusion is off."""
+        if not self.cross_entropy_loss_fusion:
+            return None
+        chunk = self.cross_entropy_fusion_chunk_size
+        return CROSS_ENTROPY_CHUNK_TOKENS if chunk is None else chunk
 
 
 @dataclasses.dataclass

@@ -39,6 +39,11 @@ def _should_save(config: TrainConfig, iteration: int, train_iters: int) -> bool:
     )
 
 
+def _fusion_note(config: TrainConfig) -> str:
+    chunk = config.precision.cross_entropy_chunk
+    return "" if chunk is None else f", output layer + CE fused ({chunk}-token chunks)"
+
+
 def run_training(config: TrainConfig, plan: RunPlan) -> dict:
     """Train per ``config``/``plan`` (a process group per torchrun's environment). Returns the last
     step's record on rank 0 (an empty dict elsewhere, or when nothing was left to train)."""
@@ -88,7 +93,7 @@ def _train(config: TrainConfig, plan: RunPlan, seq_length: int, dataset, units) 
         f"({config.optimizer.lr_decay_style}, {plan.warmup_iters} warmup), "
         f"TP={plan.tensor_parallel} PP={plan.pipeline_parallel} DP={plan.data_parallel}, "
         f"seq {data.seq_length}, model from {plan.arch_source}, "
-        f"{'Transformer Engine' if components.use_te else 'local'} layers"
+        f"{'Transformer Engine' if components.use_te else 'local'} layers" + _fusion_note(config)
     )
     start_iteration = load_start_state(config.checkpoint, plan, components, data, log)
     run_config = config.to_dict()
@@ -98,7 +103,10 @@ def _train(config: TrainConfig, plan: RunPlan, seq_length: int, dataset, units) 
     reference_model = None
     if objective.reference and config.objective.reference == "online":
         reference_model = build_reference_model(
-            config.checkpoint.pretrained_checkpoint, plan, components
+            config.checkpoint.pretrained_checkpoint,
+            plan,
+            components,
+            config.precision.cross_entropy_chunk,
         )
         log("reference: a frozen copy of the starting model, scored online")
     forward_step = make_forward_step(

@@ -17,8 +17,11 @@ import math
 import os
 from pathlib import Path
 
+from packaging.specifiers import SpecifierSet
+
 from megatron_rift.checkpoint_layout import TRACKER_FILE, iteration_dir_name, unreadable_reason
 from megatron_rift.data.format import OUTPUT_SUFFIXES
+from megatron_rift.megatron_compat import installed_version
 from megatron_rift.model_source import (
     ConfigError,
     check_architecture,
@@ -29,6 +32,7 @@ from megatron_rift.model_source import (
 )
 from megatron_rift.objectives import Objective, Unit, get_objective
 from megatron_rift.training.config import (
+    CROSS_ENTROPY_FUSIONS,
     CheckpointConfig,
     ObjectiveConfig,
     OptimConfig,
@@ -117,6 +121,38 @@ def check_precision(precision: PrecisionConfig) -> None:
         )
     if not (precision.bf16 or precision.fp16):
         fail("--fp8-format runs FP8 GEMMs inside a bf16/fp16 model: add --bf16")
+
+
+# GPTModel versions whose output path the fused output layer + CE was checked against: each calls
+# output_layer(hidden, weight=...) once and returns its output transposed when labels are None.
+CROSS_ENTROPY_FUSION_CHECKED = ">=0.16.1,<=0.19.2"
+
+
+def check_cross_entropy_fusion(precision: PrecisionConfig) -> None:
+    chunk = precision.cross_entropy_fusion_chunk_size
+    if not precision.cross_entropy_loss_fusion:
+        if chunk is not None:
+            fail(
+                "--cross-entropy-fusion-chunk-size has no effect without "
+                "--cross-entropy-loss-fusion; add it, or drop the chunk size"
+            )
+        return
+    if precision.cross_entropy_fusion_impl not in CROSS_ENTROPY_FUSIONS:
+        fail(
+            f"--cross-entropy-fusion-impl {precision.cross_entropy_fusion_impl!r}: this trainer "
+            f"offers {', '.join(CROSS_ENTROPY_FUSIONS)} (Megatron-LM's native and te fuse only the "
+            "softmax and still build the whole micro-batch's logits)"
+        )
+    if chunk is not None and chunk < 1:
+        fail(f"--cross-entropy-fusion-chunk-size must be at least 1 token, got {chunk}")
+    version = installed_version()
+    if not SpecifierSet(CROSS_ENTROPY_FUSION_CHECKED).contains(version, prereleases=True):
+        fail(
+            f"--cross-entropy-loss-fusion: megatron-core {version} is installed; the fused output "
+            "layer + CE attaches to GPTModel's output layer as megatron-core "
+            f"{CROSS_ENTROPY_FUSION_CHECKED} calls it and was not checked against this one: "
+            "install a megatron-core in that range, or run without --cross-entropy-loss-fusion"
+        )
 
 
 def _check_outputs(config: TrainConfig) -> None:
@@ -256,6 +292,7 @@ def preflight(config: TrainConfig, world_size: int) -> RunPlan:
     num_micro = _check_batch(config.schedule, dp)
     info = read_dataset_info(config.data.data_path)
     check_precision(config.precision)
+    check_cross_entropy_fusion(config.precision)
     _check_outputs(config)
     if config.data.seq_length is not None and config.data.seq_length < 2:
         fail(f"--seq-length must be at least 2, got {config.data.seq_length}")

@@ -57,9 +57,13 @@ def build_model(config: TrainConfig, plan: RunPlan, arch: GPTArchitecture):
     """[DDP(GPTModel)] for this rank's pipeline stage, its TransformerConfig and the layer kind."""
     use_te = resolve_use_te(config.precision.transformer_impl)
     transformer_config = run_transformer_config(config, plan, arch)
-    model = place_model(
-        build_gpt_model(arch, transformer_config, use_te=use_te), transformer_config
+    gpt = build_gpt_model(
+        arch,
+        transformer_config,
+        use_te=use_te,
+        cross_entropy_chunk=config.precision.cross_entropy_chunk,
     )
+    model = place_model(gpt, transformer_config)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -135,12 +139,17 @@ def reference_source(pretrained_checkpoint: str | None, plan: RunPlan) -> str:
 
 
 def build_reference_model(
-    pretrained_checkpoint: str | None, plan: RunPlan, components: TrainingComponents
+    pretrained_checkpoint: str | None,
+    plan: RunPlan,
+    components: TrainingComponents,
+    cross_entropy_chunk: int | None = None,
 ):
-    """``--reference online``: a frozen copy of the model fine-tuning started from."""
+    """``--reference online``: a frozen copy of the model fine-tuning started from (with the
+    policy's output layer + CE fusion, so its scoring pass holds no whole logits either)."""
     return build_frozen_model(
         components.arch,
         components.config,
         components.use_te,
         reference_source(pretrained_checkpoint, plan),
+        cross_entropy_chunk=cross_entropy_chunk,
     )
