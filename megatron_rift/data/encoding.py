@@ -40,12 +40,14 @@ from megatron_rift.data.tokenizer import RolloutTokenizer, encoder_from_spec
 class DocumentBatch:
     """One chunk of documents to tokenize, in order: plain rollouts (``prompts[i]``,
     ``responses[i]``) and conversations (``chats``); ``is_chat[j]`` says which list document j
-    comes from (None: all plain, the fast path)."""
+    comes from (None: all plain, the fast path). ``chat_spec``: the chat format's
+    :meth:`~megatron_rift.data.chat.ChatFormat.worker_spec` when there are conversations."""
 
     prompts: list[str]
     responses: list[str]
     chats: list[ChatPlan]
     is_chat: list[bool] | None = None
+    chat_spec: tuple | None = None
 
     def __len__(self) -> int:
         return len(self.prompts) + len(self.chats)
@@ -104,28 +106,21 @@ def encode_rollouts(
     return EncodedChunk(prompt_lengths, rollout_lengths, tokens)
 
 
-def encode_documents(
-    encoder,
-    eos_id: int,
-    batch: DocumentBatch,
-    add_prompt_special_tokens: bool = True,
-    chat_spec: tuple | None = None,
-) -> EncodedChunk:
-    """Tokenize a :class:`DocumentBatch`: plain rollouts as :func:`encode_rollouts`,
-    conversations with :func:`~megatron_rift.data.chat.conversation_tokens` (``chat_spec``)."""
+def encode_documents(encoder, eos_id: int, batch: DocumentBatch) -> EncodedChunk:
+    """Tokenize a :class:`DocumentBatch`: plain rollouts as :func:`encode_rollouts` (the
+    prompt with the tokenizer's leading special tokens), conversations with
+    :func:`~megatron_rift.data.chat.conversation_tokens`."""
     if batch.is_chat is None:
-        return encode_rollouts(
-            encoder, eos_id, batch.prompts, batch.responses, add_prompt_special_tokens
-        )
+        return encode_rollouts(encoder, eos_id, batch.prompts, batch.responses)
     plain = iter(
         zip(
-            encoder.encode_batch(batch.prompts, add_special_tokens=add_prompt_special_tokens),
+            encoder.encode_batch(batch.prompts, add_special_tokens=True),
             encoder.encode_batch(batch.responses, add_special_tokens=False),
         )
         if batch.prompts
         else ()
     )
-    chats = iter(conversation_tokens(encoder, batch.chats, chat_spec))
+    chats = iter(conversation_tokens(encoder, batch.chats, batch.chat_spec))
     documents, starts, ends, extra, errors = [], [], [], [], {}
     for j, is_chat in enumerate(batch.is_chat):
         if not is_chat:
@@ -158,21 +153,19 @@ def encode_documents(
 
 
 # --- worker-process side (module globals live in each worker) ---
-_WORKER_STATE: tuple | None = None  # (encoder, eos_id, add_prompt_special_tokens, chat_spec)
+_WORKER_STATE: tuple | None = None  # (encoder, eos_id)
 
 
-def _init_worker(
-    encoder_spec: tuple, eos_id: int, add_prompt_special_tokens: bool, chat_spec: tuple | None
-) -> None:
+def _init_worker(encoder_spec: tuple, eos_id: int) -> None:
     global _WORKER_STATE
     # One Rust thread pool per worker process would oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_STATE = (encoder_from_spec(encoder_spec), eos_id, add_prompt_special_tokens, chat_spec)
+    _WORKER_STATE = (encoder_from_spec(encoder_spec), eos_id)
 
 
 def _encode_in_worker(batch: DocumentBatch) -> EncodedChunk:
-    encoder, eos_id, add_special, chat_spec = _WORKER_STATE
-    return encode_documents(encoder, eos_id, batch, add_special, chat_spec)
+    encoder, eos_id = _WORKER_STATE
+    return encode_documents(encoder, eos_id, batch)
 
 
 class ChunkEncoder:
@@ -186,11 +179,8 @@ class ChunkEncoder:
     flight, so memory is bounded by the chunk size, not by the input. Use as a context manager.
     """
 
-    def __init__(
-        self, tokenizer: RolloutTokenizer, chat_spec: tuple | None = None, workers: int = 1
-    ):
+    def __init__(self, tokenizer: RolloutTokenizer, workers: int = 1):
         self.tokenizer = tokenizer
-        self.chat_spec = chat_spec
         self.workers = max(1, int(workers))
         self._pool: ProcessPoolExecutor | None = None
         if self.workers > 1:
@@ -200,7 +190,7 @@ class ChunkEncoder:
                 self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(tokenizer.encoder_spec(), tokenizer.eos_id, True, chat_spec),
+                initargs=(tokenizer.encoder_spec(), tokenizer.eos_id),
             )
 
     def map(
@@ -209,10 +199,7 @@ class ChunkEncoder:
         """For each ``(payload, DocumentBatch)`` yield ``(payload, EncodedChunk)``, in order."""
         if self._pool is None:
             for payload, batch in chunks:
-                chunk = encode_documents(
-                    self.tokenizer, self.tokenizer.eos_id, batch, True, self.chat_spec
-                )
-                yield payload, chunk
+                yield payload, encode_documents(self.tokenizer, self.tokenizer.eos_id, batch)
             return
         pending: deque = deque()
         try:

@@ -1,10 +1,9 @@
 """Pack rollout files into a Megatron indexed dataset plus per-rollout rewards (``pack_rollouts``).
 
-Two streaming passes over the input:
-
-1. validate every record and keep only ``(group, raw reward, outcome)`` per rollout (~17 bytes),
-   which is what the group reward schemes need (they need whole groups);
-2. tokenize in chunks (optionally in a worker pool) and write, in input order:
+One streaming pass over the input: each record is validated, its ``(group, raw reward,
+outcome)`` kept (~17 bytes; the group reward schemes need whole groups, so rewards are computed
+at the end), and the kept rollouts are tokenized in chunks (optionally in a worker pool) and
+written, in input order:
 
 * ``PREFIX.bin`` / ``PREFIX.idx``: Megatron ``IndexedDataset``, one document (one sequence) per
   rollout, int32 token ids ``prompt + response + EOS`` (a conversation: exactly its chat
@@ -122,97 +121,96 @@ class PackConfig:
         return iter_documents(self.inputs, self.fields, self.pairs, self.train_on)
 
 
-@dataclass
 class GroupScan:
-    """Pass 1 result, one entry per input rollout: group int64 [N], raw float64 [N], outcome int8 [N]."""
+    """Per input rollout, in input order: group (dense id, int64), raw reward (float64) and
+    outcome (int8), collected while packing for the reward schemes and the statistics."""
 
-    group: np.ndarray
-    raw: np.ndarray
-    outcome: np.ndarray
-    num_groups: int
+    def __init__(self):
+        self._ids: dict[bytes, int] = {}
+        self._group, self._raw, self._outcome = array("q"), array("d"), array("b")
+
+    def add(self, rollout: Rollout) -> None:
+        self._group.append(self._ids.setdefault(rollout.group_key, len(self._ids)))
+        self._raw.append(rollout.raw_reward)
+        self._outcome.append(rollout.outcome)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self._ids)
+
+    @property
+    def group(self) -> np.ndarray:
+        return np.frombuffer(self._group, dtype=np.int64)
+
+    @property
+    def raw(self) -> np.ndarray:
+        return np.frombuffer(self._raw, dtype=np.float64)
+
+    @property
+    def outcome(self) -> np.ndarray:
+        return np.frombuffer(self._outcome, dtype=np.int8)
 
 
-def scan_groups(config: PackConfig, tokenizer: RolloutTokenizer) -> tuple[GroupScan, bool]:
-    """Pass 1: validate every record; keep (group, raw reward, outcome) per document. Also says
-    whether any document is a conversation (then the tokenizer needs a chat template)."""
-    group_ids: dict[bytes, int] = {}
-    group, raw, outcome = array("q"), array("d"), array("b")
-    paths, progress = config.inputs, config.progress
-    chat = config.chat_template
-    for rollout in tqdm(
-        config.documents(),
-        desc="pass 1/2 (validate, group)",
-        unit=" rollouts",
-        disable=None if progress else True,
-    ):
-        if rollout.messages is not None and not chat:
+class _Reader:
+    """The input as chunks of ``((indices, locations), DocumentBatch)`` of the kept rollouts;
+    fills ``scan`` with every rollout as it goes. Conversations are rendered here (jinja needs
+    the full HF tokenizer); ``chat`` is the tokenizer's chat format once one was needed."""
+
+    def __init__(self, config: PackConfig, tokenizer: RolloutTokenizer):
+        self.config, self.tokenizer = config, tokenizer
+        self.scan = GroupScan()
+        self.chat: ChatFormat | None = tokenizer.chat_format() if config.chat_template else None
+        self.removed_by_keep = 0
+
+    def _chat_for(self, rollout: Rollout) -> ChatFormat:
+        if self.chat is None:
             try:
-                tokenizer.chat_format()
+                self.chat = self.tokenizer.chat_format()
             except RolloutDataError as exc:
                 raise RolloutDataError(
                     f"{rollout.where}: this record holds a conversation in "
-                    f"'{config.fields.messages}', which is rendered with the tokenizer's chat "
-                    f"template, but {exc}"
+                    f"'{self.config.fields.messages}', which is rendered with the tokenizer's "
+                    f"chat template, but {exc}"
                 ) from None
-            chat = True
-        group.append(group_ids.setdefault(rollout.group_key, len(group_ids)))
-        raw.append(rollout.raw_reward)
-        outcome.append(rollout.outcome)
-    if not group:
-        raise RolloutDataError(f"no rollouts found in {', '.join(map(str, paths))}.")
-    scan = GroupScan(
-        np.frombuffer(group, dtype=np.int64),
-        np.frombuffer(raw, dtype=np.float64),
-        np.frombuffer(outcome, dtype=np.int8),
-        len(group_ids),
-    )
-    return scan, chat
+        return self.chat
 
-
-def _chunks(
-    config: PackConfig, keep: np.ndarray, chat: ChatFormat | None
-) -> Iterator[tuple[tuple[list[int], list[Location]], DocumentBatch]]:
-    """Pass 2 reader: kept rollouts in chunks of ``(indices, locations), DocumentBatch``;
-    conversations are rendered here (jinja needs the full HF tokenizer)."""
-    count = 0
-    # Pairs stay in one chunk: the writer decides about both members together.
-    chunk_size = config.chunk_size + (config.chunk_size % 2 if config.pairs != "none" else 0)
-
-    def new_batch() -> DocumentBatch:  # is_chat None: the fast path, plain rollouts only
-        return DocumentBatch([], [], [], None if chat is None else [])
-
-    indices, locations, batch = [], [], new_batch()
-    for index, rollout in enumerate(config.documents()):
-        count = index + 1
-        if index >= keep.size:
-            break
-        if not keep[index]:
-            continue
-        indices.append(index)
-        locations.append(rollout.where)
-        messages = rollout.messages
-        if messages is None and config.chat_template:
-            messages = one_turn(rollout.prompt, rollout.response)
-        if messages is None:
-            batch.prompts.append(rollout.prompt)
-            batch.responses.append(rollout.response)
-        else:
-            try:
-                batch.chats.append(chat.plan(messages, config.train_on))
-            except RolloutDataError as exc:
-                raise RolloutDataError(f"{rollout.where}: {exc}") from None
-        if batch.is_chat is not None:
-            batch.is_chat.append(messages is not None)
-        if len(indices) == chunk_size:
+    def __iter__(self) -> Iterator[tuple[tuple[list[int], list[Location]], DocumentBatch]]:
+        config = self.config
+        positives_only = config.keep == "positive"
+        # Pairs stay in one chunk: the writer decides about both members together.
+        chunk_size = config.chunk_size + (config.chunk_size % 2 if config.pairs != "none" else 0)
+        indices, locations, batch = [], [], DocumentBatch([], [], [])
+        for index, rollout in enumerate(config.documents()):
+            self.scan.add(rollout)
+            if positives_only and rollout.outcome <= 0:
+                self.removed_by_keep += 1
+                continue
+            indices.append(index)
+            locations.append(rollout.where)
+            messages = rollout.messages
+            if messages is None and config.chat_template:
+                messages = one_turn(rollout.prompt, rollout.response)
+            if messages is None:
+                batch.prompts.append(rollout.prompt)
+                batch.responses.append(rollout.response)
+            else:
+                chat = self._chat_for(rollout)
+                try:
+                    batch.chats.append(chat.plan(messages, config.train_on))
+                except RolloutDataError as exc:
+                    raise RolloutDataError(f"{rollout.where}: {exc}") from None
+                if batch.is_chat is None:  # the first conversation of this chunk
+                    batch.is_chat = [False] * len(batch.prompts)
+                    batch.chat_spec = chat.worker_spec()
+            if batch.is_chat is not None:
+                batch.is_chat.append(messages is not None)
+            if len(indices) == chunk_size:
+                yield (indices, locations), batch
+                indices, locations, batch = [], [], DocumentBatch([], [], [])
+        if indices:
             yield (indices, locations), batch
-            indices, locations, batch = [], [], new_batch()
-    if count != keep.size:
-        raise RolloutDataError(
-            f"the input changed while packing ({keep.size} rollouts in pass 1, "
-            f"{count} in pass 2); do not modify input files during packing."
-        )
-    if indices:
-        yield (indices, locations), batch
+        if not self.scan.group.size:
+            raise RolloutDataError(f"no rollouts found in {', '.join(map(str, config.inputs))}.")
 
 
 def _config_record(config: PackConfig) -> dict:
@@ -238,17 +236,6 @@ def pack_rollouts(config: PackConfig) -> dict:
     tokenizer = load_tokenizer(config.tokenizer)
     if config.chat_template:
         tokenizer.chat_format()  # raises the explanatory error for a tokenizer without one
-    scan, uses_chat = scan_groups(config, tokenizer)
-    chat = tokenizer.chat_format() if uses_chat else None
-    rewards = scheme_rewards(
-        config.reward_scheme,
-        scan.raw,
-        scan.outcome,
-        scan.group,
-        config.positive_reward,
-        config.negative_reward,
-    )
-    keep = scan.outcome > 0 if config.keep == "positive" else np.ones(scan.group.size, bool)
 
     out_dir = Path(config.output_prefix).resolve().parent
     created_dir = not out_dir.exists()
@@ -257,7 +244,7 @@ def pack_rollouts(config: PackConfig) -> dict:
     published = False
     try:
         tmp = {**output_paths(os.path.join(tmp_dir, "data")), "data": os.path.join(tmp_dir, "data")}
-        summary = _pack_into(config, tokenizer, chat, scan, rewards, keep, tmp)
+        summary = _pack_into(config, tokenizer, tmp)
         spans = config.output_prefix + LOSS_SPANS_SUFFIX
         for suffix in OUTPUT_SUFFIXES:  # the .json last: it marks a complete dataset
             if suffix == ".json":  # the loss spans before it; none left from an older dataset
@@ -274,40 +261,40 @@ def pack_rollouts(config: PackConfig) -> dict:
     return summary
 
 
-def _pack_into(
-    config: PackConfig,
-    tokenizer: RolloutTokenizer,
-    chat: ChatFormat | None,
-    scan: GroupScan,
-    rewards: np.ndarray,
-    keep: np.ndarray,
-    paths: dict[str, str],
-) -> dict:
+def _pack_into(config: PackConfig, tokenizer: RolloutTokenizer, paths: dict[str, str]) -> dict:
     from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
 
     writer = DatasetWriter(
         paths[".bin"], config.max_seq_length, config.overlong, config.pairs != "none"
     )
-    chat_spec = None if chat is None else chat.worker_spec()
+    reader = _Reader(config, tokenizer)
     with (
-        ChunkEncoder(tokenizer, chat_spec, config.workers) as encoder,
+        ChunkEncoder(tokenizer, config.workers) as encoder,
         tqdm(
-            total=int(keep.sum()),
-            desc="pass 2/2 (tokenize, write)",
+            desc="packing (validate, tokenize, write)",
             unit=" rollouts",
             disable=None if config.progress else True,
         ) as bar,
     ):
-        for (indices, locations), chunk in encoder.map(_chunks(config, keep, chat)):
+        for (indices, locations), chunk in encoder.map(reader):
             writer.add_chunk(indices, locations, chunk)
             bar.update(len(indices))
     writer.finalize(paths[".idx"])
+    scan, chat = reader.scan, reader.chat
     written = np.frombuffer(writer.written, dtype=np.int64)
     if written.size == 0:
         raise RolloutDataError(
-            f"no rollouts left to write: {scan.group.size} read, {int((~keep).sum())} removed by "
-            f"--keep {config.keep}, {writer.overlong_dropped} dropped as overlong."
+            f"no rollouts left to write: {scan.group.size} read, {reader.removed_by_keep} "
+            f"removed by --keep {config.keep}, {writer.overlong_dropped} dropped as overlong."
         )
+    rewards = scheme_rewards(
+        config.reward_scheme,
+        scan.raw,
+        scan.outcome,
+        scan.group,
+        config.positive_reward,
+        config.negative_reward,
+    )
 
     side = np.zeros(written.size, dtype=SIDE_DTYPE)
     side["reward"] = rewards[written]
@@ -342,7 +329,7 @@ def _pack_into(
         "overlong": writer.overlong,
         "overlong_dropped": writer.overlong_dropped,
         "overlong_truncated": writer.overlong_truncated,
-        "removed_by_keep": int((~keep).sum()),
+        "removed_by_keep": reader.removed_by_keep,
         "pairs": None if config.pairs == "none" else config.pairs,
         "num_pairs": written.size // 2 if config.pairs != "none" else 0,
         "pairs_dropped": writer.pairs_dropped,

@@ -204,7 +204,7 @@ def iter_records(paths: Sequence[str]) -> Iterator[tuple[object, Location]]:
 
 
 def _group_key(prompt_id: object, prompt: str) -> bytes:
-    # A 16-byte digest keeps pass 1's group table small even for long prompts.
+    # A 16-byte digest keeps the group table small even for long prompts.
     text = f"id:{prompt_id}" if prompt_id is not None else f"prompt:{prompt}"
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
