@@ -79,10 +79,10 @@ def parse_messages(value: object, field: str, where: object, train_on: str) -> t
             "--train-on last-assistant the rewarded response is the last message and must be "
             "an assistant turn. Drop the trailing turns or pass --train-on all-assistant."
         )
-    if assistant[0] == 0:
+    if (assistant[0] if train_on == "all-assistant" else assistant[-1]) == 0:
         raise RolloutDataError(
-            f"{where}: {field}[0] is an assistant turn with nothing before it to be predicted "
-            "from; start the conversation with a system or user turn."
+            f"{where}: {field}[0] is a trained assistant turn with nothing before it to be "
+            "predicted from; start the conversation with a system or user turn."
         )
     if not messages[assistant[-1]]["content"].strip():
         raise RolloutDataError(
@@ -136,6 +136,7 @@ class ChatFormat:
         self.template = hf_tokenizer.get_chat_template()
         self.sha256 = hashlib.sha256(self.template.encode("utf-8")).hexdigest()
         self.uses_generation_markers = bool(_GENERATION_BLOCK.search(self.template))
+        self._compiled = self._compile()
         self.end_of_turn, self.after_end_of_turn = self._probe_end_of_turn()
 
     @property
@@ -144,7 +145,10 @@ class ChatFormat:
         return self.end_of_turn[-1]
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+        """``apply_chat_template(messages, tokenize=False, add_generation_prompt=...)``."""
         try:
+            if self._compiled is not None:
+                return self._render_compiled(self._compiled, messages, add_generation_prompt)
             return self._tok.apply_chat_template(
                 list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
             )
@@ -153,6 +157,45 @@ class ChatFormat:
                 f"the chat template of {self.path} cannot render this conversation "
                 f"({type(exc).__name__}: {exc})."
             ) from None
+
+    def _render_compiled(self, compiled, messages: Sequence[dict], add_generation_prompt) -> str:
+        return compiled.render(
+            messages=list(messages),
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **self._tok.special_tokens_map,
+        )
+
+    def _compile(self):
+        """The template compiled in transformers' own jinja environment, rendered directly:
+        apply_chat_template's message normalization costs ~0.9 ms a call under transformers 5,
+        ~25x the rendering. Used only when it renders the probe conversations exactly as
+        apply_chat_template does; None (apply_chat_template it is) otherwise."""
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            compiled = _compile_jinja_template(self.template)
+        except Exception:  # another transformers version, or a template it cannot compile
+            return None
+        turns = [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": _PROBE_QUESTION},
+            {"role": "assistant", "content": _PROBE_ANSWER},
+            {"role": "user", "content": "Q2"},
+            {"role": "assistant", "content": " A2 "},
+        ]
+        try:
+            for probe in (turns[1:2], turns[1:3], turns, turns[:4]):
+                for generation_prompt in (True, False):
+                    slow = self._tok.apply_chat_template(
+                        probe, tokenize=False, add_generation_prompt=generation_prompt
+                    )
+                    if self._render_compiled(compiled, probe, generation_prompt) != slow:
+                        return None
+        except Exception:  # a template that refuses a probe (e.g. no system role): stay exact
+            return None
+        return compiled
 
     def _special_ids(self) -> set[int]:
         added = getattr(self._tok, "added_tokens_decoder", {}) or {}
