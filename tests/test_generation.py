@@ -212,6 +212,20 @@ def test_questions_use_the_chat_template_or_the_documented_default(tmp_path):
     assert render_question("q", chat, prompt_template="Q: {question}\nA:") == "Q: q\nA:"
 
 
+def test_system_prompt_goes_into_the_chat_template_and_needs_one(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"question": "What is 1+1?", "answer": 2}) + "\n")
+    chat = load_prompt_tokenizer(build_bpe_tokenizer(tmp_path / "chat", corpus(), vocab_size=300))
+    (problem,) = read_generation_problems(path, tokenizer=chat, system_prompt="Be brief.")
+    assert problem.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 1+1?"},
+    ]
+    assert problem.prompt == "<|system|>Be brief.\n<|user|>What is 1+1?\n<|assistant|>"
+    with pytest.raises(ValueError, match="--system-prompt needs the tokenizer's chat template"):
+        read_generation_problems(path, "Q: {question}", chat, system_prompt="Be brief.")
+
+
 @pytest.mark.parametrize("add_bos", [True, False])
 def test_a_chat_template_that_writes_bos_does_not_double_it(tmp_path, add_bos):
     folder = build_bpe_tokenizer(

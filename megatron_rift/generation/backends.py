@@ -95,9 +95,9 @@ def sample_with_transformers(
             f"the tokenizer in {tokenizer_dir or model_dir} has no eos token; "
             "generation could not stop"
         )
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    if tokenizer.pad_token_id is None:  # Llama 3's tokenizers have none; left padding needs one
+        tokenizer.pad_token = tokenizer.eos_token
+    pad_id = tokenizer.pad_token_id
     with _hf_progress_bars(show_progress):  # its "Loading weights" bar, once per model
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     model = model.to(device).eval()
