@@ -149,6 +149,20 @@ def test_prompt_response_records_under_chat_template_end_with_the_end_of_turn(ro
     )
 
 
+def test_ground_truth_pairs_of_a_conversation(root):
+    """--pairs ground-truth on a messages record: the solution replaces the last assistant turn."""
+    tok = AutoTokenizer.from_pretrained(str(root / "llama3"))
+    records = [{"messages": WITH_SYSTEM, "correct": False, "solution": "5"}]
+    inputs = [write_jsonl(root / "pairs.jsonl", records)]
+    ds, summary = pack(root, "pairs", root / "llama3", inputs, pairs="ground-truth")
+    truth = [*WITH_SYSTEM[:-1], {"role": "assistant", "content": "5"}]
+    assert summary["num_pairs"] == 1 and ds.groups[0] == ds.groups[1]
+    for i, conversation in enumerate([truth, WITH_SYSTEM]):  # chosen: the truth (rollout wrong)
+        ids = tok.apply_chat_template(conversation, return_dict=True)["input_ids"]
+        assert ds[i]["tokens"].tolist() == list(ids)
+        assert masked_texts(tok, ds[i]) == replies("llama3", conversation, "last-assistant")
+
+
 def test_two_workers_match_one(root):
     one, _ = pack(root, "w1", root / "qwen2.5", train_on="all-assistant")
     two, _ = pack(root, "w2", root / "qwen2.5", train_on="all-assistant", workers=2, chunk_size=1)
