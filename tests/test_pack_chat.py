@@ -171,6 +171,19 @@ def test_two_workers_match_one(root):
         assert one[i]["loss_mask"].tolist() == two[i]["loss_mask"].tolist()
 
 
+def test_plain_records_and_conversations_in_one_chunk(root):
+    """Without --chat-template a prompt/response record stays plain (prompt + response + EOS)
+    next to conversations, also in one worker's chunk."""
+    tok = AutoTokenizer.from_pretrained(str(root / "qwen2.5"))
+    plain = {"prompt": "add two", "response": "five", "reward": 1.0}
+    inputs = [write_jsonl(root / "mixed.jsonl", [plain, {"messages": ONE_TURN, "reward": 1.0}])]
+    ds, _ = pack(root, "mixed", root / "qwen2.5", inputs, workers=2)
+    expected = tok("add two")["input_ids"] + tok("five", add_special_tokens=False)["input_ids"]
+    assert ds[0]["tokens"].tolist() == expected + [tok.eos_token_id]
+    assert masked_texts(tok, ds[0]) == ["five<|endoftext|>"]
+    assert masked_texts(tok, ds[1]) == ["two and three to get five<|im_end|>"]
+
+
 def test_saved_dataset_folder_and_globs_read_like_jsonl(root):
     import datasets
 
