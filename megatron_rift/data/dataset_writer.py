@@ -18,9 +18,7 @@ class DatasetWriter:
     end, and the earlier trained spans (``--train-on all-assistant``)."""
 
     def __init__(self, bin_path: str, max_seq_length: int | None, overlong: str, pairs: bool):
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-        self.builder = IndexedDatasetBuilder(bin_path, dtype=TOKEN_DTYPE.type)
+        self.bin_path, self._builder = bin_path, None
         self.max_seq_length, self.overlong_mode, self.pairs = max_seq_length, overlong, pairs
         self.written = array("q")  # input index of each written rollout
         self.response_start = array("i")
@@ -29,6 +27,16 @@ class DatasetWriter:
         self.prompt_tokens = self.response_tokens = self.loss_tokens = 0
         self.overlong = self.overlong_dropped = self.overlong_truncated = 0
         self.pairs_dropped = 0
+
+    @property
+    def builder(self):
+        # Created with the first document: a bad record early in the input fails before the
+        # ~5 s import of Megatron-Core (torch).
+        if self._builder is None:
+            from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+            self._builder = IndexedDatasetBuilder(self.bin_path, dtype=TOKEN_DTYPE.type)
+        return self._builder
 
     def add_chunk(self, indices: list[int], locations: list[Location], chunk: EncodedChunk) -> None:
         offsets, ends = chunk.offsets, chunk.ends

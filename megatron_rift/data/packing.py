@@ -262,8 +262,6 @@ def pack_rollouts(config: PackConfig) -> dict:
 
 
 def _pack_into(config: PackConfig, tokenizer: RolloutTokenizer, paths: dict[str, str]) -> dict:
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
-
     writer = DatasetWriter(
         paths[".bin"], config.max_seq_length, config.overlong, config.pairs != "none"
     )
@@ -279,7 +277,6 @@ def _pack_into(config: PackConfig, tokenizer: RolloutTokenizer, paths: dict[str,
         for (indices, locations), chunk in encoder.map(reader):
             writer.add_chunk(indices, locations, chunk)
             bar.update(len(indices))
-    writer.finalize(paths[".idx"])
     scan, chat = reader.scan, reader.chat
     written = np.frombuffer(writer.written, dtype=np.int64)
     if written.size == 0:
@@ -287,6 +284,9 @@ def _pack_into(config: PackConfig, tokenizer: RolloutTokenizer, paths: dict[str,
             f"no rollouts left to write: {scan.group.size} read, {reader.removed_by_keep} "
             f"removed by --keep {config.keep}, {writer.overlong_dropped} dropped as overlong."
         )
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
+
+    writer.finalize(paths[".idx"])
     rewards = scheme_rewards(
         config.reward_scheme,
         scan.raw,
