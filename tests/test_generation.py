@@ -17,13 +17,13 @@ from megatron_rift.generation import (
     DEFAULT_PROMPT_TEMPLATE,
     ProblemsInputError,
     SamplingConfig,
-    _decode_sample,
     generate_rollouts,
     load_prompt_tokenizer,
     read_generation_problems,
     render_question,
     vllm_available,
 )
+from megatron_rift.generation.backends import _decode_sample, encode_prompts
 from megatron_rift.rewards import extract_final_answer, get_verifier
 from tests.rollout_fixtures import corpus
 from tests.tiny_tokenizers import TINY_CHAT_TEMPLATE, build_bpe_tokenizer
@@ -212,6 +212,20 @@ def test_questions_use_the_chat_template_or_the_documented_default(tmp_path):
     assert render_question("q", chat, prompt_template="Q: {question}\nA:") == "Q: q\nA:"
 
 
+def test_system_prompt_goes_into_the_chat_template_and_needs_one(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"question": "What is 1+1?", "answer": 2}) + "\n")
+    chat = load_prompt_tokenizer(build_bpe_tokenizer(tmp_path / "chat", corpus(), vocab_size=300))
+    (problem,) = read_generation_problems(path, tokenizer=chat, system_prompt="Be brief.")
+    assert problem.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 1+1?"},
+    ]
+    assert problem.prompt == "<|system|>Be brief.\n<|user|>What is 1+1?\n<|assistant|>"
+    with pytest.raises(ValueError, match="--system-prompt needs the tokenizer's chat template"):
+        read_generation_problems(path, "Q: {question}", chat, system_prompt="Be brief.")
+
+
 @pytest.mark.parametrize("add_bos", [True, False])
 def test_a_chat_template_that_writes_bos_does_not_double_it(tmp_path, add_bos):
     folder = build_bpe_tokenizer(
@@ -222,10 +236,20 @@ def test_a_chat_template_that_writes_bos_does_not_double_it(tmp_path, add_bos):
         chat_template="{{ bos_token }}" + TINY_CHAT_TEMPLATE,
     )
     tokenizer = load_prompt_tokenizer(folder)
-    prompt = render_question("hi", tokenizer)
-    assert prompt == ("" if add_bos else "<s>") + "<|user|>hi\n<|assistant|>"
-    ids = tokenizer(prompt)["input_ids"]  # how generation encodes a prompt
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"question": "hi", "answer": 1}) + "\n")
+    (problem,) = read_generation_problems(path, tokenizer=tokenizer)
+    assert problem.prompt == "<s><|user|>hi\n<|assistant|>"  # the template's text, its BOS too
+    assert problem.messages == [{"role": "user", "content": "hi"}]
+    # How generation encodes it: a chat prompt gets no special tokens of the tokenizer's own.
+    (ids,) = encode_prompts(tokenizer, [problem.prompt], [problem.messages is None])
     assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+    assert (
+        ids
+        == tokenizer.apply_chat_template(
+            problem.messages, add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+    )
 
 
 def test_only_the_demo_imports_the_demo():

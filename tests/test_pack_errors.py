@@ -81,7 +81,7 @@ def test_overlong_under_error_names_the_line(tmp_path, tokenizers):
     long = " ".join(["the answer is five"] * 30)
     path.write_text("\n".join([line(), line(), line(response=long), line()]) + "\n")
     out = tmp_path / "out"
-    # The failure happens while writing (pass 2): the temporary files must go too.
+    # The failure happens while writing: the temporary files must go too.
     proc = run_cli(
         "--input",
         path,

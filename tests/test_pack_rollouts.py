@@ -88,18 +88,21 @@ def hand_rewards(records, scheme, pos=1.0, neg=-0.2):
 
 
 def hf_expected(folder, record, chat_template):
+    """(prompt, response + EOS, after) token ids; under chat_template the one-turn conversation's
+    template tokens, split where the template's assistant header and EOS end."""
     tok = AutoTokenizer.from_pretrained(str(folder))
-    if chat_template:
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": record["prompt"]}],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        prompt = tok(text, add_special_tokens=False)["input_ids"]
-    else:
-        prompt = tok(record["prompt"])["input_ids"]
     response = tok(record["response"], add_special_tokens=False)["input_ids"]
-    return prompt, response + [tok.eos_token_id]
+    if not chat_template:
+        return tok(record["prompt"])["input_ids"], response + [tok.eos_token_id], []
+    user = [{"role": "user", "content": record["prompt"]}]
+    text = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    whole = tok.apply_chat_template(
+        [*user, {"role": "assistant", "content": record["response"]}], return_dict=True
+    )["input_ids"]
+    after = tok("\n", add_special_tokens=False)["input_ids"]  # TINY_CHAT_TEMPLATE's, after EOS
+    assert whole == prompt + response + [tok.eos_token_id] + after
+    return prompt, response + [tok.eos_token_id], after
 
 
 def sp_expected(model, record):
@@ -111,11 +114,15 @@ def sp_expected(model, record):
 
 def check_tokens(ds, expected):
     assert len(ds) == len(expected)
-    for i, (prompt, response) in enumerate(expected):
+    for i, (prompt, response, *after) in enumerate(expected):
+        after = after[0] if after else []
         item = ds[i]
-        assert item["tokens"].tolist() == prompt + response
-        assert item["loss_mask"].tolist() == [0] * len(prompt) + [1] * len(response)
+        assert item["tokens"].tolist() == prompt + response + after
+        assert item["loss_mask"].tolist() == [0] * len(prompt) + [1] * len(response) + [0] * len(
+            after
+        )
         assert item["response_start"] == len(prompt)
+        assert item["response_end"] == len(prompt) + len(response)
 
 
 # --- tests -------------------------------------------------------------------------------------

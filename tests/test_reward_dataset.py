@@ -86,3 +86,20 @@ def test_side_file_with_wrong_dtype(packed):
     np.save(prefix + ".rewards.npy", np.zeros(len(HAND_MADE_ROLLOUTS), dtype=np.float32))
     with pytest.raises(RolloutDataError, match="expected 1-D"):
         RewardDataset(prefix)
+
+
+def test_format_version_1_still_reads(packed):
+    """A dataset packed before response_end existed: its responses run to the document's end."""
+    from numpy.lib import recfunctions
+
+    from megatron_rift.data.format import SIDE_DTYPE_V1
+
+    prefix = str(packed["root"] / "version1")
+    copy_dataset(packed["full"], prefix)
+    side = np.load(prefix + ".rewards.npy")
+    np.save(prefix + ".rewards.npy", recfunctions.drop_fields(side, "response_end", usemask=False))
+    old, new = RewardDataset(prefix), RewardDataset(packed["full"])
+    assert old.side.dtype == SIDE_DTYPE_V1
+    for i in range(len(new)):
+        assert old[i]["loss_mask"].tolist() == new[i]["loss_mask"].tolist()
+    assert old.loss_tokens.tolist() == new.loss_tokens.tolist()

@@ -18,9 +18,11 @@ from pathlib import Path
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
-# A minimal chat template (jinja), enough to test --chat-template.
+# A minimal chat template (jinja), enough to test --chat-template: an assistant turn ends with
+# EOS (as Zephyr-style templates do), its end-of-turn; the role markers are plain text.
 TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endfor %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}"
+    "{{ eos_token if message['role'] == 'assistant' else '' }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 

@@ -5,11 +5,13 @@
         --num-samples 8 --temperature 0.7 --top-p 0.8 --max-new-tokens 256 --seed 0 --verifier math
 
 Problems JSONL: ``prompt`` (verbatim) or ``question``, ``answer``, optional ``prompt_id``.
-A question is rendered with --prompt-template when given, else as one user turn in the
-tokenizer's chat template (with the assistant header), else with the default template for
-tokenizers without one. Output records: prompt (the rendered text: pack them without
---chat-template), response, reward, correct, prompt_id, answer, sample_index, finish_reason,
-num_response_tokens (and question when given).
+A question is rendered with --prompt-template when given, else as a conversation (--system-prompt,
+then the question as a user turn) in the tokenizer's chat template with the assistant header,
+sampled until the template's end-of-turn; else with the default --prompt-template for tokenizers
+without one. Output records: prompt (the rendered text), response, reward, correct, prompt_id,
+answer, sample_index, finish_reason, num_response_tokens, question (when given) and, for chat
+prompts, messages (the conversation with the response as its assistant turn). Pack them as they
+are: tools/pack_rollouts.py renders messages with the same template.
 """
 
 import argparse
@@ -71,6 +73,11 @@ def parse_args(argv=None):
         f"header),\nor {DEFAULT_PROMPT_TEMPLATE!r} for a tokenizer "
         "without one.",
     )
+    parser.add_argument(
+        "--system-prompt",
+        default=None,
+        help="a system turn before each question (needs the tokenizer's chat template)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N problems")
     parser.add_argument(
         "--threads",
@@ -97,7 +104,9 @@ def main(argv=None) -> int:
         tokenizer = None  # the chat template is needed only without --prompt-template
         if args.prompt_template is None:
             tokenizer = load_prompt_tokenizer(args.tokenizer or args.model)
-        problems = read_generation_problems(args.problems, args.prompt_template, tokenizer)
+        problems = read_generation_problems(
+            args.problems, args.prompt_template, tokenizer, args.system_prompt
+        )
     except ValueError as error:  # ProblemsInputError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 1

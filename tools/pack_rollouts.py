@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Pack rollouts (JSONL / JSON / Parquet) into a Megatron indexed dataset with rewards.
+"""Pack rollouts (JSONL / JSON / Parquet / saved datasets) into a Megatron indexed dataset with rewards.
 
     python tools/pack_rollouts.py --input rollouts.jsonl --output-prefix data/math_k8 \
         --tokenizer path/to/hf_tokenizer --chat-template --max-seq-length 2048
+
+Records hold prompt/response, or a chat conversation in 'messages' (rendered with the tokenizer's
+chat template; the loss covers the assistant turns' content and end-of-turn only).
 
 Writes PREFIX.bin, PREFIX.idx, PREFIX.rewards.npy and PREFIX.json (see docs/packing.md).
 A thin CLI over megatron_rift.data.packing.pack_rollouts; bad input exits with status 2 and a
@@ -26,7 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         required=True,
         metavar="FILE",
-        help=".jsonl/.ndjson(.gz), .json (array) or .parquet files, read in order",
+        help=".jsonl/.ndjson(.gz), .json (array) or .parquet files, glob patterns, or folders "
+        "written by datasets' save_to_disk; read in order",
     )
     p.add_argument("--output-prefix", required=True, metavar="PREFIX")
     p.add_argument(
@@ -37,13 +41,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--chat-template",
         action="store_true",
-        help="render the prompt as a user turn with the HF tokenizer's chat template",
+        help="pack prompt/response records as one-turn conversations in the HF tokenizer's "
+        "chat template (its end-of-turn ends the response, not EOS); 'messages' records "
+        "always use the template",
+    )
+    p.add_argument(
+        "--train-on",
+        choices=("last-assistant", "all-assistant"),
+        default="last-assistant",
+        help="which assistant turns of a conversation the loss covers: the last one (the "
+        "rewarded response, which must end the conversation) or all of them",
     )
     p.add_argument(
         "--max-seq-length",
         type=int,
         default=None,
-        help="longest rollout (prompt + response + EOS) in tokens; use the trainer's --seq-length",
+        help="longest rollout (prompt + response + EOS, or the whole conversation) in tokens; "
+        "use the trainer's --seq-length",
     )
     p.add_argument(
         "--overlong",
@@ -77,6 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "solution",
         "chosen",
         "rejected",
+        "messages",
     ):
         p.add_argument(
             f"--{name}-key",
@@ -113,6 +128,7 @@ def main(argv=None) -> int:
         output_prefix=args.output_prefix,
         tokenizer=args.tokenizer,
         chat_template=args.chat_template,
+        train_on=args.train_on,
         max_seq_length=args.max_seq_length,
         overlong=args.overlong,
         reward_scheme=args.reward_scheme,
@@ -128,6 +144,7 @@ def main(argv=None) -> int:
             solution=args.solution_key,
             chosen=args.chosen_key,
             rejected=args.rejected_key,
+            messages=args.messages_key,
         ),
         pairs=args.pairs,
         workers=args.workers,
@@ -152,6 +169,7 @@ def main(argv=None) -> int:
         "prompt_tokens",
         "response_tokens",
         "total_tokens",
+        "loss_tokens",
         "overlong",
         "overlong_dropped",
         "overlong_truncated",
@@ -159,7 +177,11 @@ def main(argv=None) -> int:
     )
     if args.pairs != "none":
         keys += ("num_pairs", "pairs_dropped")
-    print(f"wrote {args.output_prefix}.{{bin,idx,rewards.npy,json}}")
+    spans = ",loss_spans.npy" if summary["loss_spans"] else ""
+    print(f"wrote {args.output_prefix}.{{bin,idx,rewards.npy{spans},json}}")
+    if summary["chat_template"]:
+        chat = summary["chat_template"]
+        print(f"  chat template sha256 {chat['sha256'][:12]}, end-of-turn {chat['end_of_turn']!r}")
     for key in keys:
         value = summary[key]
         print(f"  {key:20s} {value:.4f}" if isinstance(value, float) else f"  {key:20s} {value}")

@@ -12,9 +12,10 @@ at ``len(prompt_ids)``. The price: a SentencePiece model adds its word-start mar
 response's first word, as when the response were a fresh text; sampling with the same split
 (prompt ids, then generated ids) gives the same tokens.
 
-With ``chat_template=True`` the prompt is first rendered as one user turn with the generation
-prompt (``apply_chat_template(..., add_generation_prompt=True)``) and then encoded with no extra
-special tokens (the template writes them).
+Chat conversations (``messages`` records, or prompt/response records under ``--chat-template``)
+are rendered in the main process into a :class:`~megatron_rift.data.chat.ChatPlan` and tokenized
+here as the whole conversation plus its prefixes (:func:`~megatron_rift.data.chat.conversation_tokens`):
+their tokens are exactly the chat template's, the trained spans the assistant turns.
 """
 
 from __future__ import annotations
@@ -31,24 +32,52 @@ from typing import Any
 
 import numpy as np
 
+from megatron_rift.data.chat import ChatPlan, conversation_tokens
 from megatron_rift.data.tokenizer import RolloutTokenizer, encoder_from_spec
+
+
+@dataclass
+class DocumentBatch:
+    """One chunk of documents to tokenize, in order: plain rollouts (``prompts[i]``,
+    ``responses[i]``) and conversations (``chats``); ``is_chat[j]`` says which list document j
+    comes from (None: all plain, the fast path). ``chat_spec``: the chat format's
+    :meth:`~megatron_rift.data.chat.ChatFormat.worker_spec` when there are conversations."""
+
+    prompts: list[str]
+    responses: list[str]
+    chats: list[ChatPlan]
+    is_chat: list[bool] | None = None
+    chat_spec: tuple | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompts) + len(self.chats)
 
 
 @dataclass
 class EncodedChunk:
     """Token ids of n rollouts, concatenated.
 
-    prompt_lengths: int32 [n]; rollout_lengths: int32 [n] (prompt + response + EOS);
-    tokens: int32 [sum(rollout_lengths)], rollout i at ``offsets[i]:offsets[i] + rollout_lengths[i]``.
+    prompt_lengths: int32 [n], tokens before the response (its start); rollout_lengths: int32 [n];
+    tokens: int32 [sum(rollout_lengths)], rollout i at ``offsets[i]:offsets[i] + rollout_lengths[i]``;
+    response_ends: int32 [n], end of the response's trained tokens (EOS or end-of-turn included;
+    None: the rollout's end); extra_spans: ``(i, start, end)`` of earlier trained assistant turns;
+    errors: ``{i: message}`` for conversations that could not be tokenized consistently.
     """
 
     prompt_lengths: np.ndarray
     rollout_lengths: np.ndarray
     tokens: np.ndarray
+    response_ends: np.ndarray | None = None
+    extra_spans: tuple = ()
+    errors: dict | None = None
 
     @property
     def offsets(self) -> np.ndarray:
         return np.concatenate(([0], np.cumsum(self.rollout_lengths[:-1], dtype=np.int64)))
+
+    @property
+    def ends(self) -> np.ndarray:
+        return self.rollout_lengths if self.response_ends is None else self.response_ends
 
 
 def encode_rollouts(
@@ -77,36 +106,81 @@ def encode_rollouts(
     return EncodedChunk(prompt_lengths, rollout_lengths, tokens)
 
 
+def encode_documents(encoder, eos_id: int, batch: DocumentBatch) -> EncodedChunk:
+    """Tokenize a :class:`DocumentBatch`: plain rollouts as :func:`encode_rollouts` (the
+    prompt with the tokenizer's leading special tokens), conversations with
+    :func:`~megatron_rift.data.chat.conversation_tokens`."""
+    if batch.is_chat is None:
+        return encode_rollouts(encoder, eos_id, batch.prompts, batch.responses)
+    plain = iter(
+        zip(
+            encoder.encode_batch(batch.prompts, add_special_tokens=True),
+            encoder.encode_batch(batch.responses, add_special_tokens=False),
+        )
+        if batch.prompts
+        else ()
+    )
+    chats = iter(conversation_tokens(encoder, batch.chats, batch.chat_spec))
+    documents, starts, ends, extra, errors = [], [], [], [], {}
+    for j, is_chat in enumerate(batch.is_chat):
+        if not is_chat:
+            prompt, response = next(plain)
+            documents.append([*prompt, *response, eos_id])
+            starts.append(len(prompt))
+            ends.append(len(documents[-1]))
+            continue
+        result = next(chats)
+        if isinstance(result, str):  # the writer raises it with the record's location
+            errors[j] = result
+            result = ([], [(0, 0)])
+        ids, spans = result
+        documents.append(ids)
+        starts.append(spans[-1][0])
+        ends.append(spans[-1][1])
+        extra += [(j, start, end) for start, end in spans[:-1]]
+    lengths = np.fromiter(map(len, documents), dtype=np.int32, count=len(documents))
+    tokens = np.fromiter(
+        itertools.chain.from_iterable(documents), dtype=np.int32, count=int(lengths.sum())
+    )
+    return EncodedChunk(
+        np.asarray(starts, dtype=np.int32),
+        lengths,
+        tokens,
+        np.asarray(ends, dtype=np.int32),
+        tuple(extra),
+        errors or None,
+    )
+
+
 # --- worker-process side (module globals live in each worker) ---
-_WORKER_STATE: tuple | None = None  # (encoder, eos_id, add_prompt_special_tokens)
+_WORKER_STATE: tuple | None = None  # (encoder, eos_id)
 
 
-def _init_worker(encoder_spec: tuple, eos_id: int, add_prompt_special_tokens: bool) -> None:
+def _init_worker(encoder_spec: tuple, eos_id: int) -> None:
     global _WORKER_STATE
     # One Rust thread pool per worker process would oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_STATE = (encoder_from_spec(encoder_spec), eos_id, add_prompt_special_tokens)
+    _WORKER_STATE = (encoder_from_spec(encoder_spec), eos_id)
 
 
-def _encode_in_worker(prompts: list[str], responses: list[str]) -> EncodedChunk:
-    encoder, eos_id, add_special = _WORKER_STATE
-    return encode_rollouts(encoder, eos_id, prompts, responses, add_special)
+def _encode_in_worker(batch: DocumentBatch) -> EncodedChunk:
+    encoder, eos_id = _WORKER_STATE
+    return encode_documents(encoder, eos_id, batch)
 
 
 class ChunkEncoder:
-    """Ordered, memory-bounded ``map`` of :func:`encode_rollouts` over chunks.
+    """Ordered, memory-bounded ``map`` of :func:`encode_documents` over chunks.
 
     ``workers=1`` encodes in this process. ``workers>1`` starts a "spawn" process pool (no fork
     of a process that may hold torch/OpenMP or Rust thread pools); each worker rebuilds only the
     encoder, once (an HF fast tokenizer travels as its serialized Rust backend, so workers import
-    neither transformers nor torch). Chat templates are rendered in this process. At most
-    ``2 * workers`` chunks are in flight, so memory is bounded by the chunk size, not by the
-    input. Use as a context manager.
+    neither transformers nor torch). Chat templates are rendered in this process (into the
+    chunk's :class:`ChatPlan` s); workers only encode. At most ``2 * workers`` chunks are in
+    flight, so memory is bounded by the chunk size, not by the input. Use as a context manager.
     """
 
-    def __init__(self, tokenizer: RolloutTokenizer, chat_template: bool, workers: int = 1):
+    def __init__(self, tokenizer: RolloutTokenizer, workers: int = 1):
         self.tokenizer = tokenizer
-        self.chat_template = chat_template
         self.workers = max(1, int(workers))
         self._pool: ProcessPoolExecutor | None = None
         if self.workers > 1:
@@ -116,41 +190,21 @@ class ChunkEncoder:
                 self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(tokenizer.encoder_spec(), tokenizer.eos_id, not chat_template),
+                initargs=(tokenizer.encoder_spec(), tokenizer.eos_id),
             )
 
-    def _prompts(self, prompts: list[str]) -> list[str]:
-        # Chat templates are rendered here (jinja needs the full HF tokenizer); workers only encode.
-        if self.chat_template:
-            return [self.tokenizer.render_chat_prompt(p) for p in prompts]
-        return prompts
-
     def map(
-        self, chunks: Iterable[tuple[Any, list[str], list[str]]]
+        self, chunks: Iterable[tuple[Any, DocumentBatch]]
     ) -> Iterator[tuple[Any, EncodedChunk]]:
-        """For each ``(payload, prompts, responses)`` yield ``(payload, EncodedChunk)``, in order."""
+        """For each ``(payload, DocumentBatch)`` yield ``(payload, EncodedChunk)``, in order."""
         if self._pool is None:
-            for payload, prompts, responses in chunks:
-                yield (
-                    payload,
-                    encode_rollouts(
-                        self.tokenizer,
-                        self.tokenizer.eos_id,
-                        self._prompts(prompts),
-                        responses,
-                        not self.chat_template,
-                    ),
-                )
+            for payload, batch in chunks:
+                yield payload, encode_documents(self.tokenizer, self.tokenizer.eos_id, batch)
             return
         pending: deque = deque()
         try:
-            for payload, prompts, responses in chunks:
-                pending.append(
-                    (
-                        payload,
-                        self._pool.submit(_encode_in_worker, self._prompts(prompts), responses),
-                    )
-                )
+            for payload, batch in chunks:
+                pending.append((payload, self._pool.submit(_encode_in_worker, batch)))
                 if len(pending) >= 2 * self.workers:
                     done_payload, future = pending.popleft()
                     yield done_payload, future.result()

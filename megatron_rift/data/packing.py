@@ -1,18 +1,20 @@
 """Pack rollout files into a Megatron indexed dataset plus per-rollout rewards (``pack_rollouts``).
 
-Two streaming passes over the input:
-
-1. validate every record and keep only ``(group, raw reward, outcome)`` per rollout (~17 bytes),
-   which is what the group reward schemes need (they need whole groups);
-2. tokenize in chunks (optionally in a worker pool) and write, in input order:
+One streaming pass over the input: each record is validated, its ``(group, raw reward,
+outcome)`` kept (~17 bytes; the group reward schemes need whole groups, so rewards are computed
+at the end), and the kept rollouts are tokenized in chunks (optionally in a worker pool) and
+written, in input order:
 
 * ``PREFIX.bin`` / ``PREFIX.idx``: Megatron ``IndexedDataset``, one document (one sequence) per
-  rollout, int32 token ids ``prompt + response + EOS``, written with ``IndexedDatasetBuilder``;
+  rollout, int32 token ids ``prompt + response + EOS`` (a conversation: exactly its chat
+  template's tokens), written with ``IndexedDatasetBuilder``;
 * ``PREFIX.rewards.npy``: a structured array, one row per document, load with
   ``np.load(..., mmap_mode="r")``; fields in :data:`~megatron_rift.data.format.SIDE_DTYPE`;
-* ``PREFIX.json``: format, arguments, tokenizer info and statistics (see ``docs/packing.md``).
+* ``PREFIX.loss_spans.npy`` (``--train-on all-assistant`` only): earlier trained assistant turns;
+* ``PREFIX.json``: format, arguments, tokenizer and chat template info, statistics (see
+  ``docs/packing.md``).
 
-All four are written under a hidden temporary folder next to the prefix and renamed into place
+All are written under a hidden temporary folder next to the prefix and renamed into place
 only after everything succeeded, so a failed run leaves no ``PREFIX.*`` files.
 """
 
@@ -31,18 +33,28 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from megatron_rift.data.encoding import ChunkEncoder, EncodedChunk
+from megatron_rift.data.chat import TRAIN_ON, ChatFormat, one_turn
+from megatron_rift.data.dataset_writer import DatasetWriter, statistics
+from megatron_rift.data.encoding import ChunkEncoder, DocumentBatch
 from megatron_rift.data.errors import RolloutDataError
 from megatron_rift.data.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    LOSS_SPANS_SUFFIX,
     OUTPUT_SUFFIXES,
     SIDE_DTYPE,
     TOKEN_DTYPE,
     output_paths,
 )
 from megatron_rift.data.reward_schemes import REWARD_SCHEMES, scheme_rewards
-from megatron_rift.data.rollout_reader import PAIRS_MODES, Location, RolloutFields, iter_documents
+from megatron_rift.data.rollout_reader import (
+    PAIRS_MODES,
+    Location,
+    Rollout,
+    RolloutFields,
+    expand_inputs,
+    iter_documents,
+)
 from megatron_rift.data.tokenizer import RolloutTokenizer, load_tokenizer
 
 OVERLONG_MODES = ("error", "drop", "truncate")
@@ -56,7 +68,11 @@ class PackConfig:
     inputs: Sequence[str]
     output_prefix: str
     tokenizer: str
+    # Prompt/response records as one-turn conversations in the tokenizer's chat template
+    # (`messages` records always use it).
     chat_template: bool = False
+    # Which assistant turns of a conversation are trained: the last (the rewarded response) or all.
+    train_on: str = "last-assistant"
     max_seq_length: int | None = None
     overlong: str = "error"
     reward_scheme: str = "constant"
@@ -79,6 +95,7 @@ class PackConfig:
             ("reward_scheme", self.reward_scheme, REWARD_SCHEMES),
             ("keep", self.keep, KEEP_MODES),
             ("pairs", self.pairs, PAIRS_MODES),
+            ("train_on", self.train_on, TRAIN_ON),
         ):
             if value not in allowed:
                 raise RolloutDataError(
@@ -95,167 +112,105 @@ class PackConfig:
                 "--pairs keeps both members of every pair; it cannot be "
                 f"combined with --keep {self.keep}."
             )
+        if self.pairs != "none" and self.train_on != "last-assistant":
+            raise RolloutDataError(
+                "--pairs compares two responses to one prompt; it needs --train-on last-assistant."
+            )
 
-    def documents(self):
-        return iter_documents(self.inputs, self.fields, self.pairs)
+    def documents(self) -> Iterator[Rollout]:
+        return iter_documents(self.inputs, self.fields, self.pairs, self.train_on)
 
 
-@dataclass
 class GroupScan:
-    """Pass 1 result, one entry per input rollout: group int64 [N], raw float64 [N], outcome int8 [N]."""
+    """Per input rollout, in input order: group (dense id, int64), raw reward (float64) and
+    outcome (int8), collected while packing for the reward schemes and the statistics."""
 
-    group: np.ndarray
-    raw: np.ndarray
-    outcome: np.ndarray
-    num_groups: int
+    def __init__(self):
+        self._ids: dict[bytes, int] = {}
+        self._group, self._raw, self._outcome = array("q"), array("d"), array("b")
 
+    def add(self, rollout: Rollout) -> None:
+        self._group.append(self._ids.setdefault(rollout.group_key, len(self._ids)))
+        self._raw.append(rollout.raw_reward)
+        self._outcome.append(rollout.outcome)
 
-def scan_groups(config: PackConfig) -> GroupScan:
-    """Pass 1: validate every record; keep (group, raw reward, outcome) per document."""
-    group_ids: dict[bytes, int] = {}
-    group, raw, outcome = array("q"), array("d"), array("b")
-    paths, progress = config.inputs, config.progress
-    for rollout in tqdm(
-        config.documents(),
-        desc="pass 1/2 (validate, group)",
-        unit=" rollouts",
-        disable=None if progress else True,
-    ):
-        group.append(group_ids.setdefault(rollout.group_key, len(group_ids)))
-        raw.append(rollout.raw_reward)
-        outcome.append(rollout.outcome)
-    if not group:
-        raise RolloutDataError(f"no rollouts found in {', '.join(map(str, paths))}.")
-    return GroupScan(
-        np.frombuffer(group, dtype=np.int64),
-        np.frombuffer(raw, dtype=np.float64),
-        np.frombuffer(outcome, dtype=np.int8),
-        len(group_ids),
-    )
+    @property
+    def num_groups(self) -> int:
+        return len(self._ids)
+
+    @property
+    def group(self) -> np.ndarray:
+        return np.frombuffer(self._group, dtype=np.int64)
+
+    @property
+    def raw(self) -> np.ndarray:
+        return np.frombuffer(self._raw, dtype=np.float64)
+
+    @property
+    def outcome(self) -> np.ndarray:
+        return np.frombuffer(self._outcome, dtype=np.int8)
 
 
-def _chunks(
-    config: PackConfig, keep: np.ndarray
-) -> Iterator[tuple[tuple[list[int], list[Location]], list[str], list[str]]]:
-    """Pass 2 reader: kept rollouts in chunks of ``(indices, locations), prompts, responses``."""
-    indices, locations, prompts, responses = [], [], [], []
-    count = 0
-    # Pairs stay in one chunk: the writer decides about both members together.
-    chunk_size = config.chunk_size + (config.chunk_size % 2 if config.pairs != "none" else 0)
-    for index, rollout in enumerate(config.documents()):
-        count = index + 1
-        if index >= keep.size:
-            break
-        if not keep[index]:
-            continue
-        indices.append(index)
-        locations.append(rollout.where)
-        prompts.append(rollout.prompt)
-        responses.append(rollout.response)
-        if len(indices) == chunk_size:
-            yield (indices, locations), prompts, responses
-            indices, locations, prompts, responses = [], [], [], []
-    if count != keep.size:
-        raise RolloutDataError(
-            f"the input changed while packing ({keep.size} rollouts in pass 1, "
-            f"{count} in pass 2); do not modify input files during packing."
-        )
-    if indices:
-        yield (indices, locations), prompts, responses
+class _Reader:
+    """The input as chunks of ``((indices, locations), DocumentBatch)`` of the kept rollouts;
+    fills ``scan`` with every rollout as it goes. Conversations are rendered here (jinja needs
+    the full HF tokenizer); ``chat`` is the tokenizer's chat format once one was needed."""
 
+    def __init__(self, config: PackConfig, tokenizer: RolloutTokenizer):
+        self.config, self.tokenizer = config, tokenizer
+        self.scan = GroupScan()
+        self.chat: ChatFormat | None = tokenizer.chat_format() if config.chat_template else None
+        self.removed_by_keep = 0
 
-class _DatasetWriter:
-    """Pass 2 writer: documents into ``IndexedDatasetBuilder``, overlong policy, token counts."""
+    def _chat_for(self, rollout: Rollout) -> ChatFormat:
+        if self.chat is None:
+            try:
+                self.chat = self.tokenizer.chat_format()
+            except RolloutDataError as exc:
+                raise RolloutDataError(
+                    f"{rollout.where}: this record holds a conversation in "
+                    f"'{self.config.fields.messages}', which is rendered with the tokenizer's "
+                    f"chat template, but {exc}"
+                ) from None
+        return self.chat
 
-    def __init__(self, bin_path: str, config: PackConfig):
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-        self.builder = IndexedDatasetBuilder(bin_path, dtype=TOKEN_DTYPE.type)
-        self.config = config
-        self.written = array("q")  # input index of each written rollout
-        self.response_start = array("i")
-        self.prompt_tokens = self.response_tokens = 0
-        self.overlong = self.overlong_dropped = self.overlong_truncated = 0
-        self.pairs_dropped = 0
-
-    def add_chunk(self, indices: list[int], locations: list[Location], chunk: EncodedChunk) -> None:
-        offsets = chunk.offsets
-        kept = [self._fit(j, locations[j], chunk) for j in range(len(indices))]
-        if self.config.pairs != "none":  # a pair is written whole or not at all
-            for j in range(0, len(kept), 2):
-                if kept[j] is None or kept[j + 1] is None:
-                    self.overlong_dropped += (kept[j] is not None) + (kept[j + 1] is not None)
-                    self.pairs_dropped += 1
-                    kept[j] = kept[j + 1] = None
-        for j, index in enumerate(indices):
-            if kept[j] is None:
+    def __iter__(self) -> Iterator[tuple[tuple[list[int], list[Location]], DocumentBatch]]:
+        config = self.config
+        positives_only = config.keep == "positive"
+        # Pairs stay in one chunk: the writer decides about both members together.
+        chunk_size = config.chunk_size + (config.chunk_size % 2 if config.pairs != "none" else 0)
+        indices, locations, batch = [], [], DocumentBatch([], [], [])
+        for index, rollout in enumerate(config.documents()):
+            self.scan.add(rollout)
+            if positives_only and rollout.outcome <= 0:
+                self.removed_by_keep += 1
                 continue
-            length, prompt_length = kept[j]
-            start = int(offsets[j])
-            self.builder.add_document(chunk.tokens[start : start + length], [length])
-            self.written.append(index)
-            self.response_start.append(prompt_length)
-            self.prompt_tokens += prompt_length
-            self.response_tokens += length - prompt_length
-
-    def _fit(self, j: int, where: Location, chunk: EncodedChunk) -> tuple[int, int] | None:
-        """(length to write, prompt length) of document j under the overlong policy, or None."""
-        max_len = self.config.max_seq_length
-        length, prompt_length = int(chunk.rollout_lengths[j]), int(chunk.prompt_lengths[j])
-        if prompt_length == 0:
-            raise RolloutDataError(
-                f"{where}: the prompt encodes to 0 tokens, so the first response token "
-                "would have nothing to be predicted from. Give a non-empty prompt, or use "
-                "--chat-template or a tokenizer that adds BOS."
-            )
-        if max_len is None or length <= max_len:
-            return length, prompt_length
-        self.overlong += 1
-        if self.config.overlong == "error":
-            raise RolloutDataError(
-                f"{where}: rollout has {length} tokens (prompt {prompt_length}, "
-                f"response+EOS {length - prompt_length}) > --max-seq-length {max_len}. "
-                "Pass --overlong drop or --overlong truncate, or raise --max-seq-length."
-            )
-        if self.config.overlong == "drop" or prompt_length >= max_len:
-            self.overlong_dropped += 1  # truncation would leave no response token
-            return None
-        # Cut the response's tail; its EOS goes with it (the response did not end there).
-        self.overlong_truncated += 1
-        return max_len, prompt_length
-
-    def finalize(self, idx_path: str) -> None:
-        self.builder.finalize(idx_path)
-
-
-def _statistics(scan: GroupScan, written: np.ndarray) -> dict:
-    """Table 1 / table 4 statistics of the written rollouts, and of the input."""
-
-    def of(selection: np.ndarray) -> dict:
-        groups, outcome = scan.group[selection], scan.outcome[selection]
-        positive = outcome > 0
-        has_pos = np.zeros(scan.num_groups, bool)
-        has_neg = np.zeros(scan.num_groups, bool)
-        has_pos[groups[positive]] = True
-        has_neg[groups[~positive]] = True
-        problems = int(np.unique(groups).size)
-        rollouts = int(selection.size)
-        mixed = int(np.sum(has_pos & has_neg))
-        return {
-            "problems": problems,
-            "rollouts": rollouts,
-            "positive": int(positive.sum()),
-            "negative": int(rollouts - positive.sum()),
-            "zero_reward": int(np.sum(outcome == 0)),
-            "positive_fraction": float(positive.sum() / rollouts) if rollouts else 0.0,
-            "mixed_problems": mixed,
-            "mixed_fraction": mixed / problems if problems else 0.0,
-        }
-
-    stats = of(written)
-    everything = of(np.arange(scan.group.size))
-    stats.update({f"input_{key}": value for key, value in everything.items()})
-    return stats
+            indices.append(index)
+            locations.append(rollout.where)
+            messages = rollout.messages
+            if messages is None and config.chat_template:
+                messages = one_turn(rollout.prompt, rollout.response)
+            if messages is None:
+                batch.prompts.append(rollout.prompt)
+                batch.responses.append(rollout.response)
+            else:
+                chat = self._chat_for(rollout)
+                try:
+                    batch.chats.append(chat.plan(messages, config.train_on))
+                except RolloutDataError as exc:
+                    raise RolloutDataError(f"{rollout.where}: {exc}") from None
+                if batch.is_chat is None:  # the first conversation of this chunk
+                    batch.is_chat = [False] * len(batch.prompts)
+                    batch.chat_spec = chat.worker_spec()
+            if batch.is_chat is not None:
+                batch.is_chat.append(messages is not None)
+            if len(indices) == chunk_size:
+                yield (indices, locations), batch
+                indices, locations, batch = [], [], DocumentBatch([], [], [])
+        if indices:
+            yield (indices, locations), batch
+        if not self.scan.group.size:
+            raise RolloutDataError(f"no rollouts found in {', '.join(map(str, config.inputs))}.")
 
 
 def _config_record(config: PackConfig) -> dict:
@@ -279,18 +234,8 @@ def pack_rollouts(config: PackConfig) -> dict:
             "replace the packed dataset, or choose another --output-prefix."
         )
     tokenizer = load_tokenizer(config.tokenizer)
-    if config.chat_template and not tokenizer.has_chat_template:
-        tokenizer.render_chat_prompt("")  # raises the explanatory error
-    scan = scan_groups(config)
-    rewards = scheme_rewards(
-        config.reward_scheme,
-        scan.raw,
-        scan.outcome,
-        scan.group,
-        config.positive_reward,
-        config.negative_reward,
-    )
-    keep = scan.outcome > 0 if config.keep == "positive" else np.ones(scan.group.size, bool)
+    if config.chat_template:
+        tokenizer.chat_format()  # raises the explanatory error for a tokenizer without one
 
     out_dir = Path(config.output_prefix).resolve().parent
     created_dir = not out_dir.exists()
@@ -298,9 +243,15 @@ def pack_rollouts(config: PackConfig) -> dict:
     tmp_dir = tempfile.mkdtemp(prefix=f".{Path(config.output_prefix).name}.packing-", dir=out_dir)
     published = False
     try:
-        tmp = output_paths(os.path.join(tmp_dir, "data"))
-        summary = _pack_into(config, tokenizer, scan, rewards, keep, tmp)
+        tmp = {**output_paths(os.path.join(tmp_dir, "data")), "data": os.path.join(tmp_dir, "data")}
+        summary = _pack_into(config, tokenizer, tmp)
+        spans = config.output_prefix + LOSS_SPANS_SUFFIX
         for suffix in OUTPUT_SUFFIXES:  # the .json last: it marks a complete dataset
+            if suffix == ".json":  # the loss spans before it; none left from an older dataset
+                if summary["loss_spans"]:
+                    os.replace(tmp["data"] + LOSS_SPANS_SUFFIX, spans)
+                elif os.path.exists(spans):
+                    os.remove(spans)
             os.replace(tmp[suffix], final[suffix])
         published = True
     finally:
@@ -310,44 +261,53 @@ def pack_rollouts(config: PackConfig) -> dict:
     return summary
 
 
-def _pack_into(
-    config: PackConfig,
-    tokenizer: RolloutTokenizer,
-    scan: GroupScan,
-    rewards: np.ndarray,
-    keep: np.ndarray,
-    paths: dict[str, str],
-) -> dict:
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
-
-    writer = _DatasetWriter(paths[".bin"], config)
+def _pack_into(config: PackConfig, tokenizer: RolloutTokenizer, paths: dict[str, str]) -> dict:
+    writer = DatasetWriter(
+        paths[".bin"], config.max_seq_length, config.overlong, config.pairs != "none"
+    )
+    reader = _Reader(config, tokenizer)
     with (
-        ChunkEncoder(tokenizer, config.chat_template, config.workers) as encoder,
+        ChunkEncoder(tokenizer, config.workers) as encoder,
         tqdm(
-            total=int(keep.sum()),
-            desc="pass 2/2 (tokenize, write)",
+            desc="packing (validate, tokenize, write)",
             unit=" rollouts",
             disable=None if config.progress else True,
         ) as bar,
     ):
-        for (indices, locations), chunk in encoder.map(_chunks(config, keep)):
+        for (indices, locations), chunk in encoder.map(reader):
             writer.add_chunk(indices, locations, chunk)
             bar.update(len(indices))
-    writer.finalize(paths[".idx"])
+    scan, chat = reader.scan, reader.chat
     written = np.frombuffer(writer.written, dtype=np.int64)
     if written.size == 0:
         raise RolloutDataError(
-            f"no rollouts left to write: {scan.group.size} read, {int((~keep).sum())} removed by "
-            f"--keep {config.keep}, {writer.overlong_dropped} dropped as overlong."
+            f"no rollouts left to write: {scan.group.size} read, {reader.removed_by_keep} "
+            f"removed by --keep {config.keep}, {writer.overlong_dropped} dropped as overlong."
         )
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
+
+    writer.finalize(paths[".idx"])
+    rewards = scheme_rewards(
+        config.reward_scheme,
+        scan.raw,
+        scan.outcome,
+        scan.group,
+        config.positive_reward,
+        config.negative_reward,
+    )
 
     side = np.zeros(written.size, dtype=SIDE_DTYPE)
     side["reward"] = rewards[written]
     side["raw_reward"] = scan.raw[written]
     side["response_start"] = np.frombuffer(writer.response_start, dtype=np.int32)
+    side["response_end"] = np.frombuffer(writer.response_end, dtype=np.int32)
     side["group"] = scan.group[written]
     side["outcome"] = scan.outcome[written]
     np.save(paths[".rewards.npy"], side)
+    loss_spans = None
+    if config.train_on == "all-assistant" and chat is not None:
+        np.save(paths["data"] + LOSS_SPANS_SUFFIX, writer.span_rows())
+        loss_spans = Path(config.output_prefix).name + LOSS_SPANS_SUFFIX
 
     summary = {
         "format": FORMAT_NAME,
@@ -356,15 +316,20 @@ def _pack_into(
         "token_dtype_code": DType.code_from_dtype(TOKEN_DTYPE.type),
         "side_file_fields": list(SIDE_DTYPE.names),
         "tokenizer": tokenizer.info(),
+        # Which template (sha256) and end-of-turn the conversations were rendered with.
+        "chat_template": None if chat is None else chat.info(config.train_on),
+        "loss_spans": loss_spans,
         "arguments": _config_record(config),
-        **_statistics(scan, written),
+        "input_files": expand_inputs(config.inputs),
+        **statistics(scan.group, scan.outcome, scan.num_groups, written),
         "prompt_tokens": writer.prompt_tokens,
         "response_tokens": writer.response_tokens,
         "total_tokens": writer.prompt_tokens + writer.response_tokens,
+        "loss_tokens": writer.loss_tokens,
         "overlong": writer.overlong,
         "overlong_dropped": writer.overlong_dropped,
         "overlong_truncated": writer.overlong_truncated,
-        "removed_by_keep": int((~keep).sum()),
+        "removed_by_keep": reader.removed_by_keep,
         "pairs": None if config.pairs == "none" else config.pairs,
         "num_pairs": written.size // 2 if config.pairs != "none" else 0,
         "pairs_dropped": writer.pairs_dropped,

@@ -28,7 +28,7 @@ import numpy as np
 
 from megatron_rift.data.dataset import RewardDataset
 from megatron_rift.data.errors import RolloutDataError
-from megatron_rift.data.format import output_paths
+from megatron_rift.data.format import LOSS_SPANS_SUFFIX, output_paths
 from megatron_rift.roles import CHOSEN, KL_SAMPLE, REJECTED
 
 REF_SUFFIX = ".ref_logprobs"
@@ -49,12 +49,15 @@ def ref_paths(prefix: str) -> dict[str, str]:
 
 
 def dataset_fingerprint(prefix: str) -> str:
-    """sha256 over the dataset's index, side file and description: any re-pack changes it, and
+    """sha256 over the dataset's index, side file(s) and description: any re-pack changes it, and
     hashing them is cheap (the .bin is determined by them for the same inputs)."""
     digest = hashlib.sha256()
     paths = output_paths(prefix)
-    for suffix in (".idx", ".rewards.npy", ".json"):
-        with open(paths[suffix], "rb") as handle:
+    files = [paths[".idx"], paths[".rewards.npy"], paths[".json"]]
+    if os.path.isfile(str(prefix) + LOSS_SPANS_SUFFIX):  # all-assistant chat data
+        files.append(str(prefix) + LOSS_SPANS_SUFFIX)
+    for path in files:
+        with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
@@ -89,11 +92,12 @@ def kl_partners(groups: np.ndarray) -> np.ndarray:
 
 
 def mismatched_sample(dataset: RewardDataset, index: int, partner: int, max_length: int) -> dict:
-    """Document ``index``'s prompt followed by document ``partner``'s response (with its EOS),
-    cut to ``max_length`` tokens (the dataset's longest document, so it fits the trainer's rows)."""
+    """Document ``index``'s prompt followed by document ``partner``'s response (with its EOS or
+    end-of-turn), cut to ``max_length`` tokens (the dataset's longest document, so it fits the
+    trainer's rows)."""
     own, other = dataset[index], dataset[partner]
     prompt = own["tokens"][: own["response_start"]]
-    response = other["tokens"][other["response_start"] :]
+    response = other["tokens"][other["response_start"] : other["response_end"]]
     tokens = np.concatenate([prompt, response])[:max_length]
     loss_mask = np.zeros(tokens.shape[0], dtype=np.uint8)
     loss_mask[prompt.shape[0] :] = 1
@@ -104,6 +108,7 @@ def mismatched_sample(dataset: RewardDataset, index: int, partner: int, max_leng
         "index": -1,
         "group": own["group"],
         "response_start": int(prompt.shape[0]),
+        "response_end": int(tokens.shape[0]),
     }
 
 
@@ -141,7 +146,7 @@ class ReferenceLogprobs:
                 f"{paths['npy']}: dtype {self.rows.dtype}, shape {self.rows.shape}; expected "
                 f"{len(dataset)} rows of {REF_DTYPE}. Recompute it"
             )
-        expected = dataset.lengths.astype(np.int64) - dataset.side["response_start"]
+        expected = dataset.loss_tokens
         bad = np.flatnonzero(np.asarray(self.rows["num_tokens"]) != expected)
         if bad.size:
             raise RolloutDataError(
@@ -233,8 +238,9 @@ class MismatchedUnits:
         lengths = self.dataset.lengths
         docs = self.documents[units]
         starts = np.asarray(self.dataset.side["response_start"])
+        ends = self.dataset.response_ends
         partner = self.partners[docs]
-        kl = np.minimum(starts[docs] + lengths[partner] - starts[partner], self.max_length)
+        kl = np.minimum(starts[docs] + ends[partner] - starts[partner], self.max_length)
         return int(lengths[docs].sum() + kl.sum())
 
 

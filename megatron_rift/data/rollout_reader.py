@@ -1,9 +1,11 @@
-"""Stream rollout records from JSONL, JSON or Parquet files and validate each one.
+"""Stream rollout records from JSONL, JSON, Parquet files or saved ``datasets`` and validate each.
 
-A record is one rollout: ``prompt`` (str), ``response`` (str, not blank) and ``reward`` (a finite
-number) and/or ``correct`` (bool); ``prompt_id`` (str or int) is optional and groups the K
-rollouts of one problem (default: identical prompt text). Field names can be remapped with
-:class:`RolloutFields`.
+A record is one rollout: ``prompt`` (str) and ``response`` (str, not blank), or ``messages`` (a
+chat conversation ending, by default, with the rewarded assistant turn; see
+:mod:`megatron_rift.data.chat`), and ``reward`` (a finite number) and/or ``correct`` (bool);
+``prompt_id`` (str or int) is optional and groups the K rollouts of one problem (default:
+identical prompt text, or identical conversation minus its last assistant turn). Field names can
+be remapped with :class:`RolloutFields`.
 
 When both ``reward`` and ``correct`` are given, ``correct`` decides whether the rollout is positive
 and ``reward`` is its raw reward. With ``correct`` only, the raw reward is 1.0 / 0.0.
@@ -13,13 +15,17 @@ Formats, chosen by file extension:
 * ``.jsonl`` / ``.ndjson`` (optionally ``.gz``): parsed here line by line with ``json.loads`` so
   that an error names the exact line (``datasets`` reports malformed JSON only by byte offset);
 * ``.json`` (a JSON array, or JSON lines) and ``.parquet``: streamed with
-  ``datasets.load_dataset(..., streaming=True)``; errors name the record number (1-based).
+  ``datasets.load_dataset(..., streaming=True)``; errors name the record number (1-based);
+* a folder written by ``Dataset.save_to_disk``: ``datasets.load_from_disk`` (memory-mapped).
+
+An input may also be a glob pattern (``data/*.jsonl``), expanded in sorted order.
 
 Memory: one record at a time (a JSON array file is parsed whole by ``datasets``/pyarrow).
 """
 
 from __future__ import annotations
 
+import glob
 import gzip
 import hashlib
 import json
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
 
+from megatron_rift.data.chat import conversation_key, parse_messages
 from megatron_rift.data.errors import RolloutDataError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
@@ -47,6 +54,7 @@ class RolloutFields:
     solution: str = "solution"  # --pairs ground-truth: the problem's reference solution
     chosen: str = "chosen"  # --pairs given
     rejected: str = "rejected"
+    messages: str = "messages"  # a chat conversation instead of prompt/response
 
 
 @dataclass(frozen=True)
@@ -65,14 +73,23 @@ class Location:
 
 @dataclass(frozen=True)
 class Rollout:
-    prompt: str
-    response: str
+    prompt: str | None  # None for a chat conversation
+    response: str | None
     raw_reward: float  # the given reward, or 1.0/0.0 from `correct`
     outcome: (
         int  # +1 positive (correct, or reward > 0), -1 negative, 0 reward exactly 0 (no `correct`)
     )
     group_key: bytes  # digest of prompt_id (or of the prompt text): groups a problem's rollouts
     where: Location
+    messages: tuple[dict, ...] | None = None  # a chat conversation (then prompt/response are None)
+
+    def with_response(self, response: str, raw_reward: float, outcome: int) -> Rollout:
+        """The same prompt (or conversation before the last assistant turn) with another response."""
+        if self.messages is None:
+            return Rollout(self.prompt, response, raw_reward, outcome, self.group_key, self.where)
+        last = {**self.messages[-1], "content": response}
+        messages = (*self.messages[:-1], last)
+        return Rollout(None, None, raw_reward, outcome, self.group_key, self.where, messages)
 
 
 def input_format(path: str) -> str:
@@ -128,18 +145,66 @@ def _iter_with_datasets(path: str, fmt: str) -> Iterator[tuple[object, Location]
         ) from None
 
 
-def iter_records(paths: Sequence[str]) -> Iterator[tuple[object, Location]]:
-    """Yield ``(record, location)`` for every record of every file, in order."""
-    for path in paths:
-        path = str(path)
-        if not Path(path).is_file():
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any(
+        (path / name).is_file() for name in ("state.json", "dataset_dict.json")
+    )
+
+
+def _iter_saved_dataset(path: str) -> Iterator[tuple[object, Location]]:
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(path)
+    except Exception as exc:  # datasets raises many types for a damaged folder
+        raise RolloutDataError(
+            f"{path}: could not load it with datasets.load_from_disk ({type(exc).__name__}: "
+            f"{exc}). Pass a folder written by Dataset.save_to_disk."
+        ) from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if len(dataset) != 1:
+            raise RolloutDataError(
+                f"{path}: a DatasetDict with splits {sorted(dataset)}; pass one split's folder "
+                f"(e.g. {Path(path) / sorted(dataset)[0]})."
+            )
+        dataset = next(iter(dataset.values()))
+    for number, record in enumerate(dataset, 1):
+        yield record, Location(path, number, False)
+
+
+def expand_inputs(paths: Sequence[str]) -> list[str]:
+    """Input paths with glob patterns expanded (sorted); RolloutDataError for a missing input."""
+    expanded = []
+    for path in map(str, paths):
+        if glob.has_magic(path):
+            matches = sorted(glob.glob(path, recursive=True))
+            if not matches:
+                raise RolloutDataError(f"input pattern {path} matches no files.")
+            expanded += matches
+        elif Path(path).is_file() or _is_saved_dataset(Path(path)):
+            expanded.append(path)
+        elif Path(path).is_dir():
+            raise RolloutDataError(
+                f"input {path} is a folder but not one written by Dataset.save_to_disk; pass "
+                f"its files or a pattern such as '{Path(path) / '*.jsonl'}'."
+            )
+        else:
             raise RolloutDataError(f"input file {path} does not exist (or is not a file).")
+    return expanded
+
+
+def iter_records(paths: Sequence[str]) -> Iterator[tuple[object, Location]]:
+    """Yield ``(record, location)`` for every record of every input, in order."""
+    for path in expand_inputs(paths):
+        if _is_saved_dataset(Path(path)):
+            yield from _iter_saved_dataset(path)
+            continue
         fmt = input_format(path)
         yield from (_iter_jsonl(path) if fmt == "jsonl" else _iter_with_datasets(path, fmt))
 
 
 def _group_key(prompt_id: object, prompt: str) -> bytes:
-    # A 16-byte digest keeps pass 1's group table small even for long prompts.
+    # A 16-byte digest keeps the group table small even for long prompts.
     text = f"id:{prompt_id}" if prompt_id is not None else f"prompt:{prompt}"
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
@@ -183,11 +248,21 @@ def _prompt_id(record: dict, fields: RolloutFields, where: Location):
     return prompt_id
 
 
-def parse_rollout(record: object, fields: RolloutFields, where: Location) -> Rollout:
-    """Validate one record; raise :class:`RolloutDataError` naming ``where`` and the field."""
+def parse_rollout(
+    record: object, fields: RolloutFields, where: Location, train_on: str = "last-assistant"
+) -> Rollout:
+    """Validate one record; raise :class:`RolloutDataError` naming ``where`` and the field.
+
+    A record with a (non-null) ``messages`` field is a chat conversation; otherwise it needs
+    ``prompt`` and ``response``."""
     record = _check_object(record, where)
-    prompt = _text_field(record, fields.prompt, "--prompt-key", where)
-    response = _text_field(record, fields.response, "--response-key", where, non_blank=True)
+    messages = record.get(fields.messages)
+    if messages is not None:
+        messages = parse_messages(messages, fields.messages, where, train_on)
+        prompt = response = None
+    else:
+        prompt = _text_field(record, fields.prompt, "--prompt-key", where)
+        response = _text_field(record, fields.response, "--response-key", where, non_blank=True)
 
     correct = record.get(fields.correct)
     if correct is not None and not isinstance(correct, bool):
@@ -219,15 +294,18 @@ def parse_rollout(record: object, fields: RolloutFields, where: Location) -> Rol
     else:
         outcome = (reward > 0) - (reward < 0)
     raw_reward = reward if reward is not None else float(correct)
-    return Rollout(prompt, response, raw_reward, outcome, _group_key(prompt_id, prompt), where)
+    if messages is None:
+        return Rollout(prompt, response, raw_reward, outcome, _group_key(prompt_id, prompt), where)
+    key = _group_key(prompt_id, "messages:" + conversation_key(messages))
+    return Rollout(None, None, raw_reward, outcome, key, where, messages)
 
 
 def iter_rollouts(
-    paths: Sequence[str], fields: RolloutFields = RolloutFields()
+    paths: Sequence[str], fields: RolloutFields = RolloutFields(), train_on: str = "last-assistant"
 ) -> Iterator[Rollout]:
-    """Validated rollouts of all files, in input order."""
+    """Validated rollouts of all inputs, in input order."""
     for record, where in iter_records(paths):
-        yield parse_rollout(record, fields, where)
+        yield parse_rollout(record, fields, where, train_on)
 
 
 PAIRS_MODES = ("none", "ground-truth", "given")
@@ -240,7 +318,7 @@ def _ground_truth_pair(
     correct, the ground truth otherwise. Returns (chosen, rejected)."""
     rollout = parse_rollout(record, fields, where)
     solution = _text_field(record, fields.solution, "--solution-key", where, non_blank=True)
-    truth = Rollout(rollout.prompt, solution, 1.0, 1, rollout.group_key, where)
+    truth = rollout.with_response(solution, 1.0, 1)
     return (rollout, truth) if rollout.outcome > 0 else (truth, rollout)
 
 
@@ -256,13 +334,17 @@ def _given_pair(record: object, fields: RolloutFields, where: Location) -> tuple
 
 
 def iter_documents(
-    paths: Sequence[str], fields: RolloutFields = RolloutFields(), pairs: str = "none"
+    paths: Sequence[str],
+    fields: RolloutFields = RolloutFields(),
+    pairs: str = "none",
+    train_on: str = "last-assistant",
 ) -> Iterator[Rollout]:
     """The documents a packed dataset holds, in order: one per rollout (``pairs="none"``), or
-    two per record, chosen then rejected (``"ground-truth"``: a rollout with its problem's
-    ``solution``; ``"given"``: a record with ``chosen`` and ``rejected`` responses)."""
+    two per record, chosen then rejected (``"ground-truth"``: a rollout, or a conversation, with
+    its problem's ``solution`` as the other response; ``"given"``: a record with ``prompt``,
+    ``chosen`` and ``rejected``)."""
     if pairs == "none":
-        yield from iter_rollouts(paths, fields)
+        yield from iter_rollouts(paths, fields, train_on)
         return
     make_pair = {"ground-truth": _ground_truth_pair, "given": _given_pair}[pairs]
     for record, where in iter_records(paths):

@@ -4,6 +4,7 @@
     tok.encode("text")                             # list[int], no special tokens
     tok.encode_batch(["a", "b"], add_special_tokens=True)
     tok.eos_id, tok.pad_id, tok.bos_id, tok.vocab_size, tok.name, tok.kind
+    tok.chat_format()                              # its chat template (HF folders that have one)
 
 Everything is loaded from local files only. ``add_special_tokens=True`` means "what the tokenizer
 puts in front of a text on its own": for an HF tokenizer its configured post-processor (BOS for
@@ -17,6 +18,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from megatron_rift.data.chat import ChatFormat
 from megatron_rift.data.errors import RolloutDataError
 
 _HOW_TO_FIX = (
@@ -51,10 +53,10 @@ class RolloutTokenizer:
     def has_chat_template(self) -> bool:
         return False
 
-    def render_chat_prompt(self, prompt: str) -> str:
-        """The prompt as one user turn in the chat template, ending with the assistant header."""
+    def chat_format(self) -> ChatFormat:
+        """The tokenizer's chat template (:class:`ChatFormat`); RolloutDataError without one."""
         raise RolloutDataError(
-            f"tokenizer {self.path} has no chat template; drop --chat-template or pass an HF "
+            f"tokenizer {self.path} has no chat template; drop --chat-template, or pass an HF "
             "tokenizer folder whose tokenizer_config.json / chat_template.jinja defines one."
         )
 
@@ -101,6 +103,7 @@ class HFTokenizer(RolloutTokenizer):
         pad = self._tok.pad_token_id
         self.pad_id = self.eos_id if pad is None else int(pad)
         self.bos_id = None if self._tok.bos_token_id is None else int(self._tok.bos_token_id)
+        self._chat_format: ChatFormat | None = None
         # The Rust backend's encode_batch_fast (no offsets) is what the wrapper's __call__ runs,
         # minus the offset bookkeeping: ~3x faster. Slow (Python) tokenizers have no backend.
         self._backend = getattr(self._tok, "backend_tokenizer", None)
@@ -137,12 +140,12 @@ class HFTokenizer(RolloutTokenizer):
     def has_chat_template(self) -> bool:
         return bool(getattr(self._tok, "chat_template", None))
 
-    def render_chat_prompt(self, prompt: str) -> str:
+    def chat_format(self) -> ChatFormat:
         if not self.has_chat_template:
-            return super().render_chat_prompt(prompt)
-        return self._tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+            return super().chat_format()
+        if self._chat_format is None:
+            self._chat_format = ChatFormat(self._tok, self.path)
+        return self._chat_format
 
 
 class SentencePieceTokenizer(RolloutTokenizer):

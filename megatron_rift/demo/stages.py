@@ -305,19 +305,25 @@ def sample(
     show_progress: bool = True,
 ) -> list[dict]:
     """K samples per problem, verified with the math verifier; written to ``out`` as JSONL."""
+    from megatron_rift.demo.task import PROMPT_TEMPLATE
     from megatron_rift.generation import (
         GenerationProblem,
         SamplingConfig,
         generate_rollouts,
+        render_question,
         write_jsonl,
     )
     from megatron_rift.rewards import get_verifier
 
-    # p.prompt is rendered with the demo's own task.PROMPT_TEMPLATE (what its base model is
-    # pretrained on), so generation's chat-template / default rendering never applies here.
+    # Rendered as tools/generate_rollouts.py renders a question, with the demo's own
+    # --prompt-template (what its base model is pretrained on; its tokenizer has no chat
+    # template): the same text as p.prompt, which the SFT data uses.
     gen_problems = [
         GenerationProblem(
-            prompt_id=p.prompt_id, prompt=p.prompt, answer=p.answer, question=p.question
+            prompt_id=p.prompt_id,
+            prompt=render_question(p.question, prompt_template=PROMPT_TEMPLATE),
+            answer=p.answer,
+            question=p.question,
         )
         for p in problems
     ]
