@@ -110,10 +110,11 @@ def _iter_jsonl(path: str) -> Iterator[tuple[object, Location]]:
     opener = gzip.open if path.lower().endswith(".gz") else open
     with opener(path, "rb") as handle:
         for line_no, line in enumerate(handle, 1):
-            if not line.strip():
+            if line.isspace() or not line:  # isspace stops at the first other byte; strip copies
                 continue
             try:
-                record = json.loads(line)
+                # JSON Lines is UTF-8; decoding here skips json's encoding detection per line.
+                record = json.loads(line.decode("utf-8"))
             except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
                 raise RolloutDataError(
                     f"{path}:{line_no}: malformed JSON ({exc}). Each line must be one JSON object; "
