@@ -19,6 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_rift.losses import LossSettings, make_loss_func, sequence_logprobs
 from megatron_rift.objectives import Objective, Unit
 from megatron_rift.training.config import ObjectiveConfig
+from megatron_rift.training.model_chunks import chunk_iterators
 
 
 def packed_seq_params_for_te(segment_ids: torch.Tensor) -> PackedSeqParams:
@@ -150,7 +151,7 @@ def train_step(
     forward_backward = get_forward_backward_func()
     reports = forward_backward(
         forward_step_func=forward_step,
-        data_iterator=micro_batches,
+        data_iterator=chunk_iterators(micro_batches, len(model)),
         model=model,
         num_microbatches=num_microbatches,
         seq_length=seq_length,

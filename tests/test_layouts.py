@@ -1,0 +1,237 @@
+"""Sequence parallelism, activation recompute, virtual pipeline stages and communication overlap give
+the single-process losses; their bad combinations stop every rank with one message.
+
+All runs start from one 4-layer "converted" checkpoint (two layers per pipeline stage, so PP=2 can
+interleave two virtual stages of one layer), 5 steps of rift. Two launches
+(tests/workers/one_launch.py): one process runs the reference and both recompute granularities;
+two processes run TP=2 with and without --sequence-parallel, PP=2 x VPP=2, and DP=2 with the
+distributed optimizer and both overlap flags. Tolerance 1e-5 relative, on the loss and (for
+recompute, which must not change the gradients) the gradient norm.
+"""
+
+import json
+import math
+import time
+
+import pytest
+
+from megatron_rift.training.arguments import parse_train_config
+from megatron_rift.training.preflight import ConfigError, preflight
+from tests.torchrun_utils import run_torchrun
+from tests.workers.train_runs import (
+    prepared_assets,
+    read_metrics,
+    start_ranks_without_launcher,
+    wait_ranks,
+)
+
+STEPS = 5
+TOLERANCE = 1e-5
+TRAIN = "megatron_rift.train:main"
+RECOMPUTE = {
+    "full": [
+        "--recompute-granularity",
+        "full",
+        "--recompute-method",
+        "uniform",
+        "--recompute-num-layers",
+        "1",
+    ],
+    "selective": ["--recompute-granularity", "selective"],
+}
+TWO_RANK_LAYOUTS = {
+    "tp2": ["--tensor-model-parallel-size", "2"],
+    "tp2_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    "pp2_vpp2": [
+        "--pipeline-model-parallel-size",
+        "2",
+        "--num-layers-per-virtual-pipeline-stage",
+        "1",
+    ],
+    "dp2_overlap": [
+        "--use-distributed-optimizer",
+        "--overlap-grad-reduce",
+        "--overlap-param-gather",
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return prepared_assets(tmp_path_factory.getbasetemp())
+
+
+def run_args(assets) -> list[str]:
+    return [
+        "--data-path",
+        assets["data"],
+        "--pretrained-checkpoint",
+        assets["release_4layers"],
+        "--objective",
+        "rift",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        str(STEPS),
+        "--lr",
+        "1e-3",
+        "--seed",
+        "5",
+    ]
+
+
+def one_launch(run_dir, nproc: int, runs: dict[str, list[str]]) -> dict[str, dict]:
+    """Train each {name: flags} in one launch; {name: metrics}."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    items = [
+        [TRAIN, *flags, "--log-file", str(run_dir / f"{name}.jsonl")]
+        for name, flags in runs.items()
+    ]
+    (run_dir / "runs.json").write_text(json.dumps(items))
+    run_torchrun(
+        "-m",
+        ["tests.workers.one_launch", str(run_dir / "runs.json")],
+        nproc=nproc,
+        timeout=420,
+        result_dir=run_dir,
+    )
+    return {name: read_metrics(run_dir / f"{name}.jsonl") for name in runs}
+
+
+@pytest.fixture(scope="module")
+def runs(assets, tmp_path_factory):
+    work = tmp_path_factory.mktemp("layouts")
+    base = run_args(assets)
+    single = one_launch(
+        work / "one_rank",
+        1,
+        {"reference": base, **{f"recompute_{k}": [*base, *v] for k, v in RECOMPUTE.items()}},
+    )
+    two = one_launch(
+        work / "two_ranks", 2, {name: [*base, *flags] for name, flags in TWO_RANK_LAYOUTS.items()}
+    )
+    return {**single, **two}
+
+
+def assert_same(actual: dict, expected: dict, keys=("loss",)) -> None:
+    assert sorted(actual) == list(range(1, STEPS + 1)) == sorted(expected)
+    for step in expected:
+        for key in keys:
+            a, e = actual[step][key], expected[step][key]
+            assert math.isfinite(a), f"step {step}: {key} {a}"
+            assert abs(a - e) <= TOLERANCE * abs(e), f"step {step}: {key} {a} vs {e}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("granularity", list(RECOMPUTE))
+def test_recompute_gives_the_losses_and_gradients_of_no_recompute(runs, granularity):
+    assert_same(runs[f"recompute_{granularity}"], runs["reference"], keys=("loss", "grad_norm"))
+    # The run learned something: the test compares moving losses, not one repeated value.
+    assert len({round(r["loss"], 6) for r in runs["reference"].values()}) == STEPS
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", list(TWO_RANK_LAYOUTS))
+def test_layout_gives_the_single_process_losses(runs, layout):
+    assert_same(runs[layout], runs["reference"])
+
+
+@pytest.mark.distributed
+def test_sequence_parallel_gives_the_losses_of_tensor_parallel_alone(runs):
+    assert_same(runs["tp2_sp"], runs["tp2"], keys=("loss", "grad_norm"))
+
+
+def bad_combinations() -> list[tuple[str, list[str], str]]:
+    """(name, flags added to a valid 2-rank run, the message every rank must print)."""
+    return [
+        ("sp_without_tp", ["--sequence-parallel"], "--sequence-parallel splits activations"),
+        (
+            "cp_split",
+            ["--context-parallel-size", "2", "--seq-length", "30"],
+            "does not split into 2 x context-parallel-size = 4",
+        ),
+        (
+            "vpp_layers",
+            ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"],
+            "--num-layers-per-virtual-pipeline-stage 3 does not divide the 2 layers",
+        ),
+        (
+            "vpp_microbatches",
+            [
+                "--pipeline-model-parallel-size",
+                "2",
+                "--num-layers-per-virtual-pipeline-stage",
+                "1",
+                "--micro-batch-size",
+                "8",
+            ],
+            "a step has 1",
+        ),
+        (
+            "param_gather_without_distributed_optimizer",
+            ["--overlap-grad-reduce", "--overlap-param-gather"],
+            "add --use-distributed-optimizer",
+        ),
+        (
+            "recompute_method_without_full",
+            ["--recompute-granularity", "selective", "--recompute-method", "block"],
+            "add --recompute-granularity full",
+        ),
+    ]
+
+
+def test_each_bad_combination_stops_every_rank_with_one_message(assets, tmp_path):
+    valid = [*run_args(assets)[:4], "--micro-batch-size", "1", "--global-batch-size", "8"]
+    valid += ["--train-iters", "1"]
+    cases = bad_combinations()
+    started = time.monotonic()
+    launched = [
+        (name, tmp_path / name, start_ranks_without_launcher(tmp_path / name, 2, [*valid, *flags]))
+        for name, flags, _ in cases
+    ]
+    results = {name: wait_ranks(procs, run_dir, timeout=120) for name, run_dir, procs in launched}
+    assert time.monotonic() - started < 120
+    for name, _, message in cases:
+        for rank, (code, output) in enumerate(results[name]):
+            assert code == 2, f"{name}, rank {rank}: exit {code}\n{output[-3000:]}"
+            assert output.count(message) == 1, f"{name}, rank {rank}:\n{output[-3000:]}"
+            assert f"error (rank {rank})" in output and "Traceback" not in output, name
+
+
+def test_layout_rules_in_process(assets):
+    """The rules Megatron-Core would assert on: each a ConfigError naming the flag to change."""
+    base = run_args(assets)
+    cases = {
+        "--overlap-param-gather needs --overlap-grad-reduce": [
+            "--use-distributed-optimizer",
+            "--overlap-param-gather",
+        ],
+        "needs --recompute-method": ["--recompute-granularity", "full"],
+        "needs --pipeline-model-parallel-size > 1": [
+            "--num-layers-per-virtual-pipeline-stage",
+            "1",
+        ],
+        "does not split over tensor-model-parallel-size 2": [
+            "--tensor-model-parallel-size",
+            "2",
+            "--sequence-parallel",
+            "--seq-length",
+            "31",
+        ],
+        "--cp-comm-type has no effect": ["--cp-comm-type", "a2a"],
+    }
+    for message, flags in cases.items():
+        with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
+            preflight(parse_train_config([*base, *flags]), 2)
+    plan = preflight(
+        parse_train_config(
+            [*base, "--pipeline-model-parallel-size", "2"]
+            + ["--num-layers-per-virtual-pipeline-stage", "1"]
+        ),
+        2,
+    )
+    assert plan.layout.virtual_pipeline == 2
