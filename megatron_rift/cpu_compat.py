@@ -63,7 +63,14 @@ class _CudaToCpuMode(TorchFunctionMode):
             return args[0]
         if func is torch.autograd.backward:
             return _backward_under_mode(self, func, args, kwargs)
+        if func is torch.Tensor.backward:
+            return _backward_under_mode(self, _tensor_backward, args, kwargs)
         return func(*args, **kwargs)
+
+
+def _tensor_backward(tensor, gradient=None, retain_graph=None, create_graph=False, inputs=None):
+    """``Tensor.backward`` by way of ``torch.autograd.backward`` (which it calls itself)."""
+    torch.autograd.backward(tensor, gradient, retain_graph, create_graph, inputs=inputs)
 
 
 def _backward_under_mode(mode: TorchFunctionMode, func, args, kwargs):
