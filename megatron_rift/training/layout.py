@@ -99,6 +99,12 @@ def _check_overlap(config: TrainConfig) -> None:
         )
     if parallel.overlap_param_gather and not parallel.overlap_grad_reduce:
         fail("--overlap-param-gather needs --overlap-grad-reduce too (as in Megatron-LM)")
+    if parallel.overlap_grad_reduce and config.precision.cross_entropy_loss_fusion:
+        fail(
+            "--overlap-grad-reduce starts each gradient bucket's reduce from a per-weight hook, "
+            "which the output weight under --cross-entropy-loss-fusion never fires (its gradient "
+            "goes straight into DDP's main_grad): drop one of the two flags"
+        )
     if parallel.ddp_bucket_size is not None and parallel.ddp_bucket_size < 1:
         fail(f"--ddp-bucket-size must be at least 1 element, got {parallel.ddp_bucket_size}")
     if parallel.tp_comm_overlap:
