@@ -1,12 +1,14 @@
-"""Sequence parallelism, activation recompute, virtual pipeline stages and communication overlap give
-the single-process losses; their bad combinations stop every rank with one message.
+"""Sequence and context parallelism, activation recompute, virtual pipeline stages and
+communication overlap give the single-process losses; their bad combinations stop every rank with
+one message.
 
 All runs start from one 4-layer "converted" checkpoint (two layers per pipeline stage, so PP=2 can
-interleave two virtual stages of one layer), 5 steps of rift. Two launches
-(tests/workers/one_launch.py): one process runs the reference and both recompute granularities;
-two processes run TP=2 with and without --sequence-parallel, PP=2 x VPP=2, and DP=2 with the
-distributed optimizer and both overlap flags. Tolerance 1e-5 relative, on the loss and (for
-recompute, which must not change the gradients) the gradient norm.
+interleave two virtual stages of one layer), 5 steps. Two launches (tests/workers/one_launch.py):
+one process runs the reference, both recompute granularities, rift in the sequence and geometric
+negative modes, the reference tool and dpo; two processes run TP=2 with and without
+--sequence-parallel, PP=2 x VPP=2, DP=2 with the distributed optimizer and both overlap flags, and
+CP=2 for rift in each negative mode, the reference tool and dpo. Tolerance 1e-5 relative, on the
+loss and (where a flag must not change the gradients) the gradient norm.
 """
 
 import json
@@ -29,6 +31,9 @@ from tests.workers.train_runs import (
 STEPS = 5
 TOLERANCE = 1e-5
 TRAIN = "megatron_rift.train:main"
+TOOL = "tools.compute_ref_logprobs:main"
+CP2 = ["--context-parallel-size", "2"]
+NEGATIVE_MODES = ("token", "sequence", "geometric")
 RECOMPUTE = {
     "full": [
         "--recompute-granularity",
@@ -88,11 +93,30 @@ def run_args(assets) -> list[str]:
     ]
 
 
+def dpo_args(assets, ref) -> list[str]:
+    """DPO on the pairs dataset with reference log-probs precomputed by the tool into ``ref``."""
+    return [
+        *["--data-path", assets["pairs"], "--pretrained-checkpoint", assets["release_4layers"]],
+        *["--objective", "dpo", "--ref-logprobs", str(ref), "--seq-length", "32"],
+        *["--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(STEPS)],
+        *["--lr", "1e-3", "--seed", "3"],
+    ]
+
+
+def tool_args(assets, out) -> list[str]:
+    return [
+        *["--load", assets["release_4layers"], "--data-path", assets["pairs"]],
+        *["--output", str(out), "--seq-length", "32", "--micro-batch-size", "3"],
+        *["--skip-kl-samples", "--no-progress"],
+    ]
+
+
 def one_launch(run_dir, nproc: int, runs: dict[str, list[str]]) -> dict[str, dict]:
-    """Train each {name: flags} in one launch; {name: metrics}."""
+    """Run each {name: flags} in one launch (flags starting with the tool's entry run the
+    reference tool, the others train); {name: metrics} of the training runs."""
     run_dir.mkdir(parents=True, exist_ok=True)
     items = [
-        [TRAIN, *flags, "--log-file", str(run_dir / f"{name}.jsonl")]
+        flags if flags[0] == TOOL else [TRAIN, *flags, "--log-file", str(run_dir / f"{name}.jsonl")]
         for name, flags in runs.items()
     ]
     (run_dir / "runs.json").write_text(json.dumps(items))
@@ -103,20 +127,39 @@ def one_launch(run_dir, nproc: int, runs: dict[str, list[str]]) -> dict[str, dic
         timeout=420,
         result_dir=run_dir,
     )
-    return {name: read_metrics(run_dir / f"{name}.jsonl") for name in runs}
+    return {
+        name: read_metrics(run_dir / f"{name}.jsonl")
+        for name, flags in runs.items()
+        if flags[0] != TOOL
+    }
 
 
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):
     work = tmp_path_factory.mktemp("layouts")
     base = run_args(assets)
+    ref1, ref2 = work / "ref_cp1", work / "ref_cp2"
     single = one_launch(
         work / "one_rank",
         1,
-        {"reference": base, **{f"recompute_{k}": [*base, *v] for k, v in RECOMPUTE.items()}},
+        {
+            "reference": base,
+            **{f"recompute_{k}": [*base, *v] for k, v in RECOMPUTE.items()},
+            **{f"rift_{m}": [*base, "--negative-mode", m] for m in NEGATIVE_MODES[1:]},
+            "ref_tool": [TOOL, *tool_args(assets, ref1)],
+            "dpo": dpo_args(assets, ref1),
+        },
     )
+    single["rift_token"] = single["reference"]
     two = one_launch(
-        work / "two_ranks", 2, {name: [*base, *flags] for name, flags in TWO_RANK_LAYOUTS.items()}
+        work / "two_ranks",
+        2,
+        {
+            **{name: [*base, *flags] for name, flags in TWO_RANK_LAYOUTS.items()},
+            **{f"cp2_rift_{m}": [*base, *CP2, "--negative-mode", m] for m in NEGATIVE_MODES},
+            "cp2_ref_tool": [TOOL, *tool_args(assets, ref2), *CP2],
+            "cp2_dpo": [*dpo_args(assets, ref2), *CP2],
+        },
     )
     return {**single, **two}
 
@@ -143,6 +186,24 @@ def test_recompute_gives_the_losses_and_gradients_of_no_recompute(runs, granular
 @pytest.mark.parametrize("layout", list(TWO_RANK_LAYOUTS))
 def test_layout_gives_the_single_process_losses(runs, layout):
     assert_same(runs[layout], runs["reference"])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", NEGATIVE_MODES)
+def test_context_parallel_2_gives_the_single_process_rift_losses(runs, mode):
+    """Megatron's 2·CP split; the sequence modes sum each sample's log-prob over the CP ranks."""
+    assert_same(runs[f"cp2_rift_{mode}"], runs[f"rift_{mode}"], keys=("loss", "grad_norm"))
+    assert [r["loss_tokens"] for r in runs[f"cp2_rift_{mode}"].values()] == [
+        r["loss_tokens"] for r in runs[f"rift_{mode}"].values()
+    ]
+
+
+@pytest.mark.distributed
+def test_context_parallel_2_gives_the_single_process_dpo_losses(runs):
+    """Reference log-probs scored by the tool at CP=2 and trained on at CP=2 = both at CP=1."""
+    assert_same(runs["cp2_dpo"], runs["dpo"], keys=("loss", "grad_norm"))
+    # Step 1: the policy is the reference, so the loss is log 2 (the tool's log-probs are exact).
+    assert runs["cp2_dpo"][1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 @pytest.mark.distributed
@@ -180,6 +241,11 @@ def bad_combinations() -> list[tuple[str, list[str], str]]:
             "param_gather_without_distributed_optimizer",
             ["--overlap-grad-reduce", "--overlap-param-gather"],
             "add --use-distributed-optimizer",
+        ),
+        (
+            "packing_under_cp",
+            ["--context-parallel-size", "2", "--sequence-packing"],
+            "--sequence-packing with --context-parallel-size 2",
         ),
         (
             "recompute_method_without_full",

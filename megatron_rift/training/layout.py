@@ -82,12 +82,11 @@ def _check_context_parallel(config: TrainConfig, cp: int) -> None:
             f"--cp-comm-type {parallel.cp_comm_type} picks Transformer Engine's context-parallel "
             "attention, which needs TE and a GPU; drop the flag here"
         )
-    # Megatron's 2·CP split and the all-gather core attention are not wired in yet: refuse rather
-    # than train on a silently wrong split.
-    fail(
-        f"--context-parallel-size {cp}: context parallelism is not available in this trainer yet "
-        "(docs/layouts.md, 'Context parallelism'); use --context-parallel-size 1"
-    )
+    if config.data.sequence_packing:
+        fail(
+            f"--sequence-packing with --context-parallel-size {cp}: splitting packed rows over CP "
+            "ranks (TE's THD partitioning) is not supported by this trainer; drop one of the two"
+        )
 
 
 def _check_overlap(config: TrainConfig) -> None:
