@@ -308,26 +308,52 @@ def test_layout_rules_in_process(assets):
     assert plan.layout.virtual_pipeline == 2
 
 
+# The layouts whose checkpoints are tested: the run in `runs` each is compared with.
+RESUMED = {"pp2_vpp2": TWO_RANK_LAYOUTS["pp2_vpp2"], "cp2_rift_token": CP2}
+
+
+@pytest.fixture(scope="module")
+def resumed(runs, assets, tmp_path_factory):
+    """Per layout: killed (SIGKILL of rank 0) after step 4 with a checkpoint at step 3, then
+    resumed in the same layout (both layouts' resumes in one launch); then checkpoint 3 resumed by
+    one process (both in one launch). {layout: (crashed metrics, resumed, one-process, output)}."""
+    work = tmp_path_factory.mktemp("resume")
+    crashed, same, single = {}, {}, {}
+    for layout, flags in RESUMED.items():
+        ckpt = work / layout / "ckpt"
+        args = [*run_args(assets), *flags, "--load", str(ckpt), "--save", str(ckpt)]
+        args += ["--save-interval", "3", "--log-file", str(work / layout / "metrics.jsonl")]
+        code, output = run_trainer(
+            work / layout / "crash", 2, args, kill_at="step:4", expect_success=False
+        )
+        assert code != 0, output[-3000:]
+        crashed[layout] = read_metrics(work / layout / "metrics.jsonl")
+        same[layout] = args[:-2]  # one_launch adds the log file
+        single[layout] = [*run_args(assets), "--load", str(ckpt), "--ckpt-step", "3"]
+    resumed_runs = one_launch(work / "resumed", 2, same)
+    single_runs = one_launch(work / "single", 1, single)
+    return {
+        layout: (crashed[layout], resumed_runs[layout], single_runs[layout]) for layout in RESUMED
+    }
+
+
 @pytest.mark.distributed
-def test_pp2_vpp2_run_killed_after_a_checkpoint_resumes_bitwise_and_at_pp1(runs, assets, tmp_path):
-    """The chunks are saved as Megatron-LM's model0/model1 entries with global layer numbers:
-    the same layout resumes bitwise, and one process without virtual stages reads them too."""
-    ckpt = tmp_path / "ckpt"
-    args = [*run_args(assets), *TWO_RANK_LAYOUTS["pp2_vpp2"]]
-    args += ["--load", str(ckpt), "--save", str(ckpt), "--save-interval", "3"]
-    metrics = tmp_path / "metrics.jsonl"
-    full = [*args, "--log-file", str(metrics)]
-    code, crashed = run_trainer(tmp_path / "crash", 2, full, kill_at="step:4", expect_success=False)
-    assert code != 0, crashed[-3000:]
-    assert sorted(read_metrics(metrics)) == [1, 2, 3, 4]
-    _, output = run_trainer(tmp_path / "resume", 2, full)
-    assert "resumed from" in output and "iter_0000003" in output
-    resumed, uninterrupted = read_metrics(metrics), runs["pp2_vpp2"]
+@pytest.mark.parametrize("layout", list(RESUMED))
+def test_run_killed_after_a_checkpoint_resumes_bitwise(runs, resumed, layout):
+    """PP=2 x VPP=2 saves Megatron-LM's model0/model1 entries; CP=2 saves one replica per CP
+    group. Model, optimizer, scheduler, RNG and data position come back exactly."""
+    crashed, again, _ = resumed[layout]
+    assert sorted(crashed) == [1, 2, 3, 4]
+    assert sorted(again) == [4, 5]
     for step in (4, 5):
-        assert resumed[step]["loss"] == uninterrupted[step]["loss"], step
-        assert resumed[step]["grad_norm"] == uninterrupted[step]["grad_norm"], step
-    pp1 = tmp_path / "pp1.jsonl"
-    single = [*run_args(assets), "--load", str(ckpt), "--ckpt-step", "3", "--log-file", str(pp1)]
-    run_trainer(tmp_path / "pp1", 1, single)
-    assert sorted(read_metrics(pp1)) == [4, 5]
-    assert_same({s: read_metrics(pp1)[s] for s in (4, 5)}, {s: uninterrupted[s] for s in (4, 5)})
+        assert again[step]["loss"] == runs[layout][step]["loss"], step
+        assert again[step]["grad_norm"] == runs[layout][step]["grad_norm"], step
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", list(RESUMED))
+def test_checkpoint_resumes_in_one_process_with_the_same_next_losses(runs, resumed, layout):
+    """The sharded keys carry global layer numbers and no CP rank: one process reads them."""
+    _, _, single = resumed[layout]
+    assert sorted(single) == [4, 5]
+    assert_same(single, {s: runs[layout][s] for s in (4, 5)})

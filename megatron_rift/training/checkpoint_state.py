@@ -54,11 +54,15 @@ FORMAT_VERSION = 1
 
 
 def parallel_layout() -> dict:
-    return {
+    layout = {
         "tp": parallel_state.get_tensor_model_parallel_world_size(),
         "pp": parallel_state.get_pipeline_model_parallel_world_size(),
         "dp": parallel_state.get_data_parallel_world_size(),
     }
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp > 1:  # only then: checkpoints written without CP keep their layout record
+        layout["cp"] = cp
+    return layout
 
 
 def _rng_state() -> dict:
@@ -89,9 +93,10 @@ def _rng_sharded_object(state) -> ShardedObject:
         parallel_state.get_tensor_model_parallel_rank(),
         parallel_state.get_data_parallel_rank(),
     )
-    return ShardedObject(
-        "rng_state", state, (layout["pp"], layout["tp"], layout["dp"]), rank, replica_id=0
-    )
+    shape = (layout["pp"], layout["tp"], layout["dp"])
+    if "cp" in layout:  # each CP rank has its own generator states
+        shape, rank = (*shape, layout["cp"]), (*rank, parallel_state.get_context_parallel_rank())
+    return ShardedObject("rng_state", state, shape, rank, replica_id=0)
 
 
 def _optimizer_metadata() -> dict:
