@@ -294,6 +294,7 @@ def test_layout_rules_in_process(assets):
             "31",
         ],
         "--cp-comm-type has no effect": ["--cp-comm-type", "a2a"],
+        "does not do yet": ["--tensor-model-parallel-size", "2", "--tp-comm-overlap"],
     }
     for message, flags in cases.items():
         with pytest.raises(ConfigError, match=message.replace("+", r"\+")):

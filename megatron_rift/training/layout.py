@@ -107,16 +107,13 @@ def _check_overlap(config: TrainConfig) -> None:
     if parallel.ddp_bucket_size is not None and parallel.ddp_bucket_size < 1:
         fail(f"--ddp-bucket-size must be at least 1 element, got {parallel.ddp_bucket_size}")
     if parallel.tp_comm_overlap:
-        if not parallel.sequence_parallel:
-            fail(
-                "--tp-comm-overlap overlaps the sequence-parallel collectives: add "
-                "--sequence-parallel"
-            )
-        if config.precision.transformer_impl == "local" or not _te_runs_here():
-            fail(
-                "--tp-comm-overlap needs Transformer Engine layers on a GPU (TE's userbuffers); "
-                "drop the flag here"
-            )
+        # TE's userbuffers must be set up before the model is built (Megatron-LM's
+        # _initialize_tp_communicators); without them TE's layers fail on the first GEMM.
+        fail(
+            "--tp-comm-overlap needs Transformer Engine's userbuffers initialized before the model "
+            "is built (Megatron-LM's initialize_ub), which this trainer does not do yet; drop the "
+            "flag (--sequence-parallel alone works)"
+        )
 
 
 def _check_recompute(memory: MemoryConfig) -> None:
