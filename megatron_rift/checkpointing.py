@@ -149,14 +149,25 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def model_state_keys(num_chunks: int) -> list[str]:
+    """Megatron-LM's entries: ``model`` for one chunk, ``model0``, ``model1``, ... for virtual
+    pipeline chunks. The sharded keys inside carry global layer numbers, so a checkpoint loads
+    at any number of chunks."""
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
 def model_sharded_state_dict(model_chunks) -> dict:
-    """``{"model": ...}`` for one model chunk (virtual pipeline chunks are not supported yet)."""
+    """``{"model": ...}`` for one model chunk, ``{"model0": ..., "model1": ...}`` for several."""
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-    if len(chunks) != 1:
-        raise NotImplementedError(
-            "virtual pipeline parallelism (several model chunks) is not supported"
-        )
-    return {"model": unwrap_model(chunks[0]).sharded_state_dict()}
+    keys = model_state_keys(len(chunks))
+    return {key: unwrap_model(chunk).sharded_state_dict() for key, chunk in zip(keys, chunks)}
+
+
+def load_model_state(model_chunks, loaded: dict) -> None:
+    """Put the model entries of a loaded :func:`model_sharded_state_dict` into the chunks."""
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    for key, chunk in zip(model_state_keys(len(chunks)), chunks):
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
 
 
 def load_model_weights(ckpt_root_or_dir: str | Path, model_chunks) -> Path:
@@ -168,5 +179,5 @@ def load_model_weights(ckpt_root_or_dir: str | Path, model_chunks) -> Path:
         raise FileNotFoundError(f"no checkpoint in {path}")
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     loaded = load_checkpoint(folder, model_sharded_state_dict(chunks))
-    unwrap_model(chunks[0]).load_state_dict(loaded["model"], strict=True)
+    load_model_state(chunks, loaded)
     return folder

@@ -24,6 +24,11 @@ from megatron_rift.training.checkpoint_state import (
 )
 from megatron_rift.training.config import TrainConfig
 from megatron_rift.training.data import TrainingData, open_units, resolve_seq_length
+from megatron_rift.training.layout import (
+    check_sequence_split,
+    layout_note,
+    parallel_state_layout,
+)
 from megatron_rift.training.logging import MetricsLogger
 from megatron_rift.training.preflight import RunPlan
 from megatron_rift.training.setup import build_reference_model, setup_training
@@ -54,7 +59,13 @@ def run_training(config: TrainConfig, plan: RunPlan) -> dict:
     objective = get_objective(config.objective.name)
     units = open_units(objective, config.objective, dataset)  # pairs, reference log-probs
     check_vocab_padding(plan, GPTArchitecture(**plan.arch_fields))
-    init_distributed(plan.tensor_parallel, plan.pipeline_parallel, config.schedule.seed)
+    check_sequence_split(seq_length, config.parallel, "the sequence length")
+    init_distributed(
+        plan.tensor_parallel,
+        plan.pipeline_parallel,
+        config.schedule.seed,
+        **parallel_state_layout(plan.layout),
+    )
     try:
         return _train(config, plan, seq_length, dataset, units)
     finally:
@@ -93,7 +104,9 @@ def _train(config: TrainConfig, plan: RunPlan, seq_length: int, dataset, units) 
         f"({config.optimizer.lr_decay_style}, {plan.warmup_iters} warmup), "
         f"TP={plan.tensor_parallel} PP={plan.pipeline_parallel} DP={plan.data_parallel}, "
         f"seq {data.seq_length}, model from {plan.arch_source}, "
-        f"{'Transformer Engine' if components.use_te else 'local'} layers" + _fusion_note(config)
+        f"{'Transformer Engine' if components.use_te else 'local'} layers"
+        + _fusion_note(config)
+        + layout_note(config, plan.layout)
     )
     start_iteration = load_start_state(config.checkpoint, plan, components, data, log)
     run_config = config.to_dict()

@@ -40,6 +40,7 @@ from megatron_rift.training.config import (
     ScheduleConfig,
     TrainConfig,
 )
+from megatron_rift.training.layout import Layout, check_layout, check_model_layout
 
 
 @dataclasses.dataclass
@@ -62,6 +63,8 @@ class RunPlan:
     start: str  # "resume", "finetune" or "scratch"
     start_dir: str | None  # checkpoint root to read weights (and state, when resuming) from
     start_iteration: int | str | None  # iteration to read, "release", or None
+    # Context parallelism and virtual pipeline stages (megatron_rift/training/layout.py).
+    layout: Layout = dataclasses.field(default_factory=Layout)
 
     @property
     def loads_weights(self) -> bool:
@@ -286,8 +289,9 @@ def preflight(config: TrainConfig, world_size: int) -> RunPlan:
     except KeyError as err:
         raise ConfigError(str(err.args[0])) from None
     parallel = config.parallel
+    cp = check_layout(config, world_size)
     tp, pp, dp = check_parallel(
-        parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size, world_size
+        parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size, world_size // cp
     )
     num_micro = _check_batch(config.schedule, dp)
     info = read_dataset_info(config.data.data_path)
@@ -304,6 +308,7 @@ def preflight(config: TrainConfig, world_size: int) -> RunPlan:
     dataset_vocab = int(info["tokenizer"]["vocab_size"])
     fields, source = resolve_architecture(config.architecture.given(), dataset_vocab, start_dir)
     check_architecture(fields, tp, pp, dataset_vocab, source)
+    layout = check_model_layout(config, int(fields["num_layers"]), num_micro)
     check_objective(objective, config.objective, info)
     _check_reference(objective, config.objective, pp, start, config.checkpoint)
     num_samples, unit = count_units(objective, config.data.data_path, info)
@@ -330,4 +335,5 @@ def preflight(config: TrainConfig, world_size: int) -> RunPlan:
         start,
         start_dir,
         start_iter,
+        layout,
     )

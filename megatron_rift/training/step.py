@@ -17,8 +17,10 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rift.losses import LossSettings, make_loss_func, sequence_logprobs
+from megatron_rift.model.context_parallel import split_for_context_parallel
 from megatron_rift.objectives import Objective, Unit
 from megatron_rift.training.config import ObjectiveConfig
+from megatron_rift.training.model_chunks import chunk_iterators
 
 
 def packed_seq_params_for_te(segment_ids: torch.Tensor) -> PackedSeqParams:
@@ -75,6 +77,7 @@ def make_forward_step(
     sequences = objective.unit is not Unit.ROLLOUT
     # Statistics a loss reduces over the whole data-parallel batch (KTO's reference point).
     group = parallel_state.get_data_parallel_group()
+    context_parallel = parallel_state.get_context_parallel_world_size() > 1
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -88,6 +91,8 @@ def make_forward_step(
             batch = _flatten_for_thd(batch)
         if not (packed or sequences):
             batch.pop("segment_ids", None)  # one sample per row: the losses need no segments
+        if context_parallel:
+            batch = split_for_context_parallel(batch)
         args = (batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
         output = model(*args, labels=batch["labels"], packed_seq_params=packed_seq_params)
         if reference_model is not None:
@@ -150,7 +155,7 @@ def train_step(
     forward_backward = get_forward_backward_func()
     reports = forward_backward(
         forward_step_func=forward_step,
-        data_iterator=micro_batches,
+        data_iterator=chunk_iterators(micro_batches, len(model)),
         model=model,
         num_microbatches=num_microbatches,
         seq_length=seq_length,
