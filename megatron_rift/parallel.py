@@ -42,7 +42,9 @@ def init_distributed(
         _init_process_group("nccl" if on_gpu else "gloo", timeout_minutes)
     if not parallel_state.model_parallel_is_initialized():
         megatron_compat.initialize_model_parallel(
-            tensor_model_parallel_size, pipeline_model_parallel_size
+            tensor_model_parallel_size,
+            pipeline_model_parallel_size,
+            distributed_timeout_minutes=timeout_minutes,  # Megatron's groups get the same
         )
     set_seed(seed)
 
