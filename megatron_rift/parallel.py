@@ -45,7 +45,10 @@ def init_distributed(
         _init_process_group("nccl" if on_gpu else "gloo", timeout_minutes)
     if not parallel_state.model_parallel_is_initialized():
         megatron_compat.initialize_model_parallel(
-            tensor_model_parallel_size, pipeline_model_parallel_size, **layout
+            tensor_model_parallel_size,
+            pipeline_model_parallel_size,
+            distributed_timeout_minutes=timeout_minutes,  # Megatron's groups get the same
+            **layout,
         )
     set_seed(seed)
 

@@ -131,9 +131,11 @@ def main(argv=None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     from megatron_rift.data.dataset import RewardDataset, fit_seq_length
     from megatron_rift.data.errors import RolloutDataError
+    from megatron_rift.data.integrity import check_packed_dataset
     from megatron_rift.model_source import ConfigError
 
     try:  # every rank checks the same files before any process group exists
+        check_packed_dataset(args.data_path)
         dataset = RewardDataset(args.data_path)
         seq_length = fit_seq_length(dataset, args.seq_length)
         if seq_length % (2 * args.context_parallel_size):

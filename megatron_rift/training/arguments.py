@@ -32,6 +32,7 @@ _GROUP_TITLES = {
     "checkpoint": "checkpointing",
     "logging": "logging",
     "memory": "activation memory (recompute)",
+    "reliability": "faults: NaN/Inf steps, lost ranks (docs/reliability.md)",
 }
 
 

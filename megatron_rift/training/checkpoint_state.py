@@ -227,10 +227,57 @@ def check_vocab_padding(plan, arch) -> None:
         )
 
 
+def expected_weight_shapes(arch) -> dict[str, tuple]:
+    """Global shapes (layers stacked first) of the weights every GPT checkpoint of ``arch`` has,
+    as dist_checkpointing records them; the vocabulary dimension is left to check_vocab_padding."""
+    layers, hidden, kv = arch.num_layers, arch.hidden_size, arch.kv_channels
+    qkv = (arch.num_attention_heads + 2 * arch.num_query_groups) * kv
+    return {
+        "decoder.final_layernorm.weight": (hidden,),
+        "decoder.layers.self_attention.linear_qkv.weight": (layers, qkv, hidden),
+        "decoder.layers.self_attention.linear_proj.weight": (
+            layers,
+            hidden,
+            arch.num_attention_heads * kv,
+        ),
+    }
+
+
+def check_weights_match_config(plan, arch, config_source: str) -> None:
+    """Fail before any collective when the checkpoint's weights have other shapes than its
+    model_config.json describes (an edited or mismatched config), naming both files."""
+    folder = _start_folder(plan)
+    if folder is None or not (folder / ".metadata").is_file():
+        return
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    embedding = getattr(metadata.get("embedding.word_embeddings.weight"), "size", None)
+    expected = expected_weight_shapes(arch)
+    found = {name: getattr(metadata.get(name), "size", None) for name in expected}
+    if embedding is not None:
+        expected["embedding.word_embeddings.weight (columns)"] = (arch.hidden_size,)
+        found["embedding.word_embeddings.weight (columns)"] = tuple(embedding)[1:]
+    wrong = [
+        f"{name} is {tuple(found[name])}, expected {shape}"
+        for name, shape in expected.items()
+        if found[name] is not None and tuple(found[name]) != shape
+    ]
+    if wrong:
+        raise ConfigError(
+            f"{config_source} does not describe the weights in {folder}: {'; '.join(wrong)}. "
+            "Restore the model_config.json written with these weights (or convert the model "
+            "again)"
+        )
+
+
 def load_start_state(ckpt: CheckpointConfig, plan, components, data, log) -> int:
     """Apply the plan's start point; return the iteration training continues after."""
+    if plan.start_note:
+        log(plan.start_note)
     if plan.start == "scratch":
-        log("starting from randomly initialized weights")
+        why = "--from-scratch" if ckpt.from_scratch else "architecture flags, no checkpoint"
+        log(f"starting from randomly initialized weights ({why})")
         return 0
     root = Path(plan.start_dir)
     if plan.start == "finetune":

@@ -340,6 +340,18 @@ class CheckpointConfig:
     keep_last_checkpoints: int | None = flag(
         None, "delete older iter_* folders after each save, keeping this many"
     )
+    load_fallback: str | None = flag(
+        None,
+        "when the checkpoint the tracker in --load names is missing or incomplete, resume from "
+        "the newest complete one before it (and say so) instead of stopping with an error",
+        choices=("previous",),
+    )
+    from_scratch: bool = flag(
+        False,
+        "start from randomly initialized weights (shape from the architecture flags) when "
+        "--load holds no checkpoint; a run with no checkpoint, no --pretrained-checkpoint and "
+        "no architecture flags is an error",
+    )
 
 
 @dataclasses.dataclass
@@ -359,6 +371,29 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass
+class ReliabilityConfig:
+    """What a fault does (docs/reliability.md). Megatron-LM's names."""
+
+    check_for_nan_in_loss_and_grad: bool = flag(
+        True,
+        "do not check each step's loss terms and gradients for NaN/Inf before the update",
+        name="--no-check-for-nan-in-loss-and-grad",
+        negate=True,
+    )
+    skip_nan_steps: int = flag(
+        0,
+        "skip (do not apply, log) up to N steps with a NaN/Inf loss or gradient instead of "
+        "stopping at the first",
+        metavar="N",
+    )
+    distributed_timeout_minutes: float = flag(
+        10.0,
+        "how long a collective waits for a rank before the run stops naming the lost rank(s) "
+        "(the process groups' timeout)",
+    )
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """Everything ``megatron_rift.train`` runs on; each field is one section of flags."""
 
@@ -372,6 +407,7 @@ class TrainConfig:
     memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    reliability: ReliabilityConfig = dataclasses.field(default_factory=ReliabilityConfig)
     # Modules imported before the configuration is checked: they may register objectives
     # (megatron_rift.objectives.register).
     plugins: tuple[str, ...] = ()

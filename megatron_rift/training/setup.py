@@ -64,7 +64,9 @@ def build_model(config: TrainConfig, plan: RunPlan, arch: GPTArchitecture):
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=config.optimizer.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # training/nonfinite.py checks every step on all ranks together (this check raises on
+        # one rank while the others wait in the next collective)
+        check_for_nan_in_grad=False,
         **ddp_layout(config),
     )
     chunks = []

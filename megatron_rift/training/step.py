@@ -21,6 +21,7 @@ from megatron_rift.model.context_parallel import split_for_context_parallel
 from megatron_rift.objectives import Objective, Unit
 from megatron_rift.training.config import ObjectiveConfig
 from megatron_rift.training.model_chunks import chunk_iterators
+from megatron_rift.training.nonfinite import nonfinite_ranks
 
 
 def packed_seq_params_for_te(segment_ids: torch.Tensor) -> PackedSeqParams:
@@ -145,8 +146,13 @@ def train_step(
     seq_length: int,
     micro_batch_size: int,
     forward_step,
+    check_nonfinite: bool = False,
 ) -> dict:
-    """Run one optimizer step; return the metrics of this step (on every rank)."""
+    """Run one optimizer step; return the metrics of this step (on every rank).
+
+    With ``check_nonfinite`` every rank agrees whether the loss terms or gradients hold a
+    NaN/Inf before the update; such a step is not applied and ``values["nonfinite"]`` says
+    where (training/nonfinite.py)."""
     model, optimizer, scheduler = components.model, components.optimizer, components.scheduler
     for chunk in model:
         chunk.zero_grad_buffer()
@@ -162,7 +168,13 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    update_successful, grad_norm, _ = optimizer.step()
+    found = None
+    if check_nonfinite:  # fp16's loss scaler skips overflowing gradients itself
+        found = nonfinite_ranks(reports, model, check_grads=not components.config.fp16)
+    if found and (found["loss"] or found["grad"]):
+        update_successful, grad_norm = False, None
+    else:
+        update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=1)
     values = reduce_reports(reports) if parallel_state.is_pipeline_last_stage() else {}
@@ -172,4 +184,6 @@ def train_step(
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         skipped=not update_successful,
     )
+    if found is not None:
+        values["nonfinite"] = found
     return values
