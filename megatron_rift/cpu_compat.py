@@ -68,6 +68,16 @@ def _noop(*_args, **_kwargs):
     return None
 
 
+def _new_noop():
+    """A no-op function object of its own: torch.compile's tracer refuses one function object
+    standing in for several torch.cuda functions (it has different rules for each)."""
+
+    def noop(*_args, **_kwargs):
+        return None
+
+    return noop
+
+
 class _NullStream:
     """Stand-in for ``torch.cuda.Stream`` / events: CPU work is already synchronous."""
 
@@ -105,9 +115,9 @@ class _NullStream:
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
     cuda.current_device = lambda: 0
-    cuda.synchronize = _noop
-    cuda.set_device = _noop
-    cuda.empty_cache = _noop
+    cuda.synchronize = _new_noop()
+    cuda.set_device = _new_noop()
+    cuda.empty_cache = _new_noop()
     cuda.Stream = _NullStream
     cuda.Event = _NullStream
     cuda.current_stream = lambda *a, **k: _NullStream()
@@ -115,7 +125,7 @@ def _patch_torch_cuda() -> None:
     cuda.stream = lambda *_a, **_k: contextlib.nullcontext()
     cuda.memory_allocated = lambda *a, **k: 0
     cuda.max_memory_allocated = lambda *a, **k: 0
-    cuda.reset_peak_memory_stats = _noop
+    cuda.reset_peak_memory_stats = _new_noop()
     # The CUDA RNG tracker (tensor_parallel/random.py) saves and restores CUDA generator states;
     # on CPU the CPU generator plays that role.
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
@@ -148,6 +158,25 @@ def _patch_megatron_rng() -> None:
     mcore_random._set_cuda_rng_state = _set_rng_state_on_cpu
 
 
+# The MoE router's gating GEMM tests `te_general_gemm is not None`, but 0.16.1 defines that name only
+# when Transformer Engine imports: without TE every MoE forward raises NameError. 0.19.2 sets it to
+# None; here it is defined as None where missing, which selects Megatron's own torch.mm path.
+MOE_ROUTER_GEMM_PATCH = Patch(
+    name="define the MoE router's te_general_gemm as None without Transformer Engine",
+    target="megatron.core.transformer.moe.moe_utils:RouterGatingLinearFunction.forward",
+    versions=">=0.16.1,<=0.19.2",
+    parameters=("ctx", "inp", "weight", "bias", "router_dtype"),
+)
+
+
+def _patch_megatron_moe_router() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    MOE_ROUTER_GEMM_PATCH.verify()
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def enable_cpu_compat() -> bool:
     """Install the CUDA->CPU remap once per process when CUDA is absent.
 
@@ -160,6 +189,11 @@ def enable_cpu_compat() -> bool:
         if _mode is None:
             _patch_torch_cuda()
             _patch_megatron_rng()
+            _patch_megatron_moe_router()
+            # Megatron's jit_fuser is torch.compile (the MoE router's expert-bias update uses it):
+            # dynamo cannot trace under the CUDA->CPU remap mode and trips over the torch.cuda
+            # stand-ins above, and a CPU fusion would buy nothing. Compiled functions run eagerly.
+            torch._dynamo.config.disable = True
             _mode = _CudaToCpuMode()
             _mode.__enter__()
     return True

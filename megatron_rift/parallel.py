@@ -27,8 +27,10 @@ def init_distributed(
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
     timeout_minutes: float = 10.0,
+    expert_model_parallel_size: int = 1,
 ) -> None:
-    """Initialize torch.distributed (env:// as torchrun sets it) and Megatron's parallel state.
+    """Initialize torch.distributed (env:// as torchrun sets it) and Megatron's parallel state
+    (with ``expert_model_parallel_size`` ranks sharing a layer's experts, for MoE models).
 
     A plain ``python`` launch works too: it becomes a world of one on a free local port.
     """
@@ -42,7 +44,9 @@ def init_distributed(
         _init_process_group("nccl" if on_gpu else "gloo", timeout_minutes)
     if not parallel_state.model_parallel_is_initialized():
         megatron_compat.initialize_model_parallel(
-            tensor_model_parallel_size, pipeline_model_parallel_size
+            tensor_model_parallel_size,
+            pipeline_model_parallel_size,
+            expert_model_parallel_size=expert_model_parallel_size,
         )
     set_seed(seed)
 
