@@ -177,6 +177,47 @@ def _patch_megatron_moe_router() -> None:
         moe_utils.te_general_gemm = None
 
 
+# The alltoall token dispatcher hands its split sizes to all_to_all_single through
+# maybe_move_tensor_to_cpu(..., as_numpy=True), which converts only CUDA tensors: on CPU the sizes
+# stay tensors, which all_to_all_single's binding refuses (TypeError). Seen in 0.16.1 and 0.19.2;
+# the replacement does what the function does for a CUDA tensor, for a CPU one.
+MOE_SPLITS_TO_NUMPY_PATCH = Patch(
+    name="alltoall dispatcher split sizes as numpy on CPU",
+    target="megatron.core.transformer.moe.token_dispatcher:maybe_move_tensor_to_cpu",
+    versions=">=0.16.1,<=0.19.2",
+    parameters=("tensor", "as_numpy", "record_stream"),
+)
+
+
+def _splits_on_cpu(tensor, as_numpy=False, record_stream=False):
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.cpu().numpy()
+    return tensor
+
+
+def _patch_megatron_moe_dispatcher() -> None:
+    from megatron.core.transformer.moe import token_dispatcher
+
+    MOE_SPLITS_TO_NUMPY_PATCH.verify()
+    token_dispatcher.maybe_move_tensor_to_cpu = _splits_on_cpu
+
+
+def _run_backward_under_the_mode() -> None:
+    """torch.autograd.backward dispatches through torch-function modes, and a mode is off inside its
+    own handler: everything a backward pass runs would escape the remap (the custom backward of
+    Megatron's MoE all-gather and all-to-all asks for CUDA buffers). The engine call inside it is
+    not dispatched, so it re-enters the mode there."""
+    import torch.autograd as autograd
+
+    engine_run_backward = autograd._engine_run_backward
+
+    def run_backward_in_mode(*args, **kwargs):
+        with _mode:
+            return engine_run_backward(*args, **kwargs)
+
+    autograd._engine_run_backward = run_backward_in_mode
+
+
 def enable_cpu_compat() -> bool:
     """Install the CUDA->CPU remap once per process when CUDA is absent.
 
@@ -190,12 +231,14 @@ def enable_cpu_compat() -> bool:
             _patch_torch_cuda()
             _patch_megatron_rng()
             _patch_megatron_moe_router()
+            _patch_megatron_moe_dispatcher()
             # Megatron's jit_fuser is torch.compile (the MoE router's expert-bias update uses it):
             # dynamo cannot trace under the CUDA->CPU remap mode and trips over the torch.cuda
             # stand-ins above, and a CPU fusion would buy nothing. Compiled functions run eagerly.
             torch._dynamo.config.disable = True
             _mode = _CudaToCpuMode()
             _mode.__enter__()
+            _run_backward_under_the_mode()
     return True
 
 

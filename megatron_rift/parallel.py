@@ -28,6 +28,7 @@ def init_distributed(
     seed: int = 1234,
     timeout_minutes: float = 10.0,
     expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: int | None = None,
 ) -> None:
     """Initialize torch.distributed (env:// as torchrun sets it) and Megatron's parallel state
     (with ``expert_model_parallel_size`` ranks sharing a layer's experts, for MoE models).
@@ -47,6 +48,7 @@ def init_distributed(
             tensor_model_parallel_size,
             pipeline_model_parallel_size,
             expert_model_parallel_size=expert_model_parallel_size,
+            expert_tensor_parallel_size=expert_tensor_parallel_size,
         )
     set_seed(seed)
 

@@ -44,6 +44,7 @@ def _patches():
     return [
         cpu_compat.RNG_STATE_PATCH,
         cpu_compat.MOE_ROUTER_GEMM_PATCH,
+        cpu_compat.MOE_SPLITS_TO_NUMPY_PATCH,
         dist_optimizer_fixes.STATE_SETTER_PATCH,
     ]
 

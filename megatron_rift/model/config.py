@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_rift.checkpoint_layout import MODEL_CONFIG_FILE
 from megatron_rift.model.device_settings import FusedKernels, default_device, device_settings
+from megatron_rift.model_source import expert_parallel_problems
 
 
 # The shape has no defaults (a silent toy model would train): tiny shapes live in tests and the
@@ -114,28 +115,13 @@ class GPTArchitecture:
     ) -> None:
         """Raise ValueError with a readable reason when ``expert_parallel_size`` cannot split this
         model's experts in a launch of ``world_size`` processes."""
-        ep = expert_parallel_size
-        if ep == 1:
-            return
-        if not self.is_moe:
-            raise ValueError(
-                f"expert-model-parallel-size={ep} needs a mixture-of-experts model; this one "
-                "is dense (model_config.json has no num_moe_experts)"
-            )
-        problems = []
-        if ep < 1 or self.num_moe_experts % ep:
-            problems.append(
-                f"expert-model-parallel-size={ep} does not divide num_moe_experts="
-                f"{self.num_moe_experts}"
-            )
-        # Megatron's expert groups: expert-TP (= TP) x EP ranks within each pipeline stage.
-        per_stage = world_size // max(pipeline_parallel_size, 1)
-        if world_size % pipeline_parallel_size or per_stage % (tensor_parallel_size * ep):
-            problems.append(
-                f"expert-model-parallel-size={ep} x tensor-model-parallel-size="
-                f"{tensor_parallel_size} does not divide the {per_stage} processes of a pipeline "
-                f"stage ({world_size} in all)"
-            )
+        problems = expert_parallel_problems(
+            self.num_moe_experts,
+            expert_parallel_size,
+            world_size,
+            tensor_parallel_size,
+            pipeline_parallel_size,
+        )
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -31,6 +31,7 @@ _GROUP_TITLES = {
     "and a flag that contradicts it is an error)",
     "checkpoint": "checkpointing",
     "logging": "logging",
+    "moe": "mixture of experts (MoE models; docs/moe.md)",
 }
 
 

@@ -25,6 +25,7 @@ from megatron_rift.training.checkpoint_state import (
 from megatron_rift.training.config import TrainConfig
 from megatron_rift.training.data import TrainingData, open_units, resolve_seq_length
 from megatron_rift.training.logging import MetricsLogger
+from megatron_rift.training.moe import router_loss_metrics
 from megatron_rift.training.preflight import RunPlan
 from megatron_rift.training.setup import build_reference_model, setup_training
 from megatron_rift.training.step import loss_settings, make_forward_step, train_step
@@ -54,7 +55,13 @@ def run_training(config: TrainConfig, plan: RunPlan) -> dict:
     objective = get_objective(config.objective.name)
     units = open_units(objective, config.objective, dataset)  # pairs, reference log-probs
     check_vocab_padding(plan, GPTArchitecture(**plan.arch_fields))
-    init_distributed(plan.tensor_parallel, plan.pipeline_parallel, config.schedule.seed)
+    init_distributed(
+        plan.tensor_parallel,
+        plan.pipeline_parallel,
+        config.schedule.seed,
+        expert_model_parallel_size=config.moe.expert_model_parallel_size,
+        expert_tensor_parallel_size=config.moe.expert_tensor_parallel_size,
+    )
     try:
         return _train(config, plan, seq_length, dataset, units)
     finally:
@@ -135,6 +142,10 @@ def _train(config: TrainConfig, plan: RunPlan, seq_length: int, dataset, units) 
                 data.rows_per_micro_batch,
                 forward_step,
             )
+            if components.arch.is_moe:  # Megatron's router losses of this step, logged
+                values.update(
+                    router_loss_metrics(components.arch.num_layers, get_num_microbatches())
+                )
             elapsed = time.perf_counter() - started
             record = {
                 "step": iteration,

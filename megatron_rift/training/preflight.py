@@ -40,6 +40,7 @@ from megatron_rift.training.config import (
     ScheduleConfig,
     TrainConfig,
 )
+from megatron_rift.training.moe_preflight import check_moe
 
 
 @dataclasses.dataclass
@@ -304,6 +305,7 @@ def preflight(config: TrainConfig, world_size: int) -> RunPlan:
     dataset_vocab = int(info["tokenizer"]["vocab_size"])
     fields, source = resolve_architecture(config.architecture.given(), dataset_vocab, start_dir)
     check_architecture(fields, tp, pp, dataset_vocab, source)
+    fields = check_moe(config, fields, world_size, tp, pp)
     check_objective(objective, config.objective, info)
     _check_reference(objective, config.objective, pp, start, config.checkpoint)
     num_samples, unit = count_units(objective, config.data.data_path, info)

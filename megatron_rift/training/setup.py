@@ -26,6 +26,7 @@ from megatron_rift.model.stage import (
     stage_transformer_config,
 )
 from megatron_rift.training.config import OptimConfig, TrainConfig
+from megatron_rift.training.moe import moe_transformer_overrides
 from megatron_rift.training.preflight import RunPlan
 
 
@@ -50,6 +51,7 @@ def run_transformer_config(config: TrainConfig, plan: RunPlan, arch: GPTArchitec
         fp8_format=precision.fp8_format,
         fp8_recipe=precision.fp8_recipe,
         variable_seq_lengths=config.data.sequence_packing and plan.pipeline_parallel > 1,
+        moe_overrides=moe_transformer_overrides(config.moe, arch),
     )
 
 
