@@ -143,8 +143,14 @@ def _train(config: TrainConfig, plan: RunPlan, seq_length: int, dataset, units) 
                 forward_step,
             )
             if components.arch.is_moe:  # Megatron's router losses of this step, logged
+                routed = get_num_microbatches() * data.rows_per_micro_batch * data.seq_length
                 values.update(
-                    router_loss_metrics(components.arch.num_layers, get_num_microbatches())
+                    router_loss_metrics(
+                        components.arch.num_layers,
+                        get_num_microbatches(),
+                        routed * plan.data_parallel,
+                        values.get("loss_tokens"),
+                    )
                 )
             elapsed = time.perf_counter() - started
             record = {

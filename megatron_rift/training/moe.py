@@ -52,16 +52,36 @@ def moe_transformer_overrides(moe: MoEConfig, arch: GPTArchitecture) -> dict:
     return overrides
 
 
+def keep_experts_apart(model) -> None:
+    """Treat the experts as expert-parallel parameters at EP=1 too.
+
+    Megatron-Core separates them (their own DDP buffers, their own optimizer in a
+    ``ChainedOptimizer``, whose checkpoint keys are ``chained_0.`` / ``chained_1.``) only when
+    EP > 1, so an EP=2 checkpoint's optimizer state would not load at EP=1 and the reverse. Marked
+    here, the layout is the same at every EP. At EP=1 the expert data-parallel group is the
+    data-parallel group: gradients are reduced exactly as before. Call before DDP wraps the model.
+    """
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
+
+
 # Megatron's tracker names -> the metric names this trainer logs.
 METRIC_NAMES = {"load_balancing_loss": "moe_aux_loss", "z_loss": "moe_z_loss"}
 
 
-def router_loss_metrics(num_layers: int, num_microbatches: int) -> dict[str, float]:
+def router_loss_metrics(
+    num_layers: int, num_microbatches: int, routed_tokens: int, counted_tokens: int | None
+) -> dict[str, float]:
     """The step's router losses (without their coefficients), averaged over MoE layers,
-    micro-batches and data-parallel ranks as Megatron-LM's ``track_moe_metrics`` reports them;
-    then the tracker is cleared for the next step. Collective: every rank calls it each step."""
+    micro-batches and data-parallel ranks as Megatron-LM's ``track_moe_metrics`` reports them,
+    and ``moe_aux_loss_scale``: routed / counted tokens of the step, the factor by which the aux
+    losses' gradients weigh more than ``coeff * mean aux`` (module docstring). The tracker is then
+    cleared for the next step. Collective: every rank calls it each step."""
     tracker = get_moe_layer_wise_logging_tracker()
     metrics = {}
+    if counted_tokens:
+        metrics["moe_aux_loss_scale"] = routed_tokens / counted_tokens
     for name in sorted(tracker):
         values = _reduced(tracker[name])
         metrics[METRIC_NAMES.get(name, f"moe_{name}")] = float(

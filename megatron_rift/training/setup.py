@@ -26,7 +26,7 @@ from megatron_rift.model.stage import (
     stage_transformer_config,
 )
 from megatron_rift.training.config import OptimConfig, TrainConfig
-from megatron_rift.training.moe import moe_transformer_overrides
+from megatron_rift.training.moe import keep_experts_apart, moe_transformer_overrides
 from megatron_rift.training.preflight import RunPlan
 
 
@@ -65,6 +65,8 @@ def build_model(config: TrainConfig, plan: RunPlan, arch: GPTArchitecture):
         use_te=use_te,
         cross_entropy_chunk=config.precision.cross_entropy_chunk,
     )
+    if arch.is_moe:
+        keep_experts_apart(gpt)  # one optimizer-state layout at every EP
     model = place_model(gpt, transformer_config)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
