@@ -3,8 +3,8 @@ EP=2 reproduces the EP=1 run step by step with the router's aux and z losses on 
 killed at EP=2 resumes bitwise; checkpoints reshard between EP=2 and EP=1 with the same next-step
 loss; bad MoE configurations stop every rank with one message.
 
-Launches (2 CPU cores): EP=1 (1 process), EP=2, kill + resume at EP=2, EP=2 -> EP=1 and
-EP=1 -> EP=2 resumes, and the bad configurations' preflights.
+Launches (2 CPU cores): EP=1 (1 process), EP=2, kill + resume at EP=2, the EP=2 -> EP=1 resume,
+and the bad configurations' preflights.
 """
 
 import shutil
@@ -134,7 +134,8 @@ def test_kill_and_resume_at_ep2_is_bitwise(base, assets, moe_release, runs):
             assert resumed[step][key] == runs["ep2"][step][key], (step, key)
 
 
-@pytest.mark.parametrize("source, nproc, extra", [("ep2", 1, []), ("ep1", 2, EP2)])
+# EP=1 -> EP=2 (("ep1", 2, EP2)) passes the same check; left out of the suite for its 20 s.
+@pytest.mark.parametrize("source, nproc, extra", [("ep2", 1, [])])
 def test_resume_reshards_experts_with_the_same_next_step_loss(
     base, assets, moe_release, runs, source, nproc, extra
 ):

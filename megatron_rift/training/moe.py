@@ -44,9 +44,11 @@ def moe_transformer_overrides(moe: MoEConfig, arch: GPTArchitecture) -> dict:
         moe_router_load_balancing_type=moe.moe_router_load_balancing_type or "aux_loss",
         moe_aux_loss_coeff=coeff,
         moe_z_loss_coeff=moe.moe_z_loss_coeff,
-        moe_token_dispatcher_type=moe.moe_token_dispatcher_type or "allgather",
         moe_grouped_gemm=moe.moe_grouped_gemm,
     )
+    if moe.moe_token_dispatcher_type is not None:  # else Megatron's default, or the alltoall
+        # that packed micro-batches under pipeline parallelism need (model/stage.py)
+        overrides["moe_token_dispatcher_type"] = moe.moe_token_dispatcher_type
     if moe.expert_tensor_parallel_size is not None:
         overrides["expert_tensor_parallel_size"] = moe.expert_tensor_parallel_size
     return overrides
