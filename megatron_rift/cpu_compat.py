@@ -98,6 +98,16 @@ def _noop(*_args, **_kwargs):
     return None
 
 
+def _new_noop():
+    """A no-op function object of its own: torch.compile's tracer refuses one function object
+    standing in for several torch.cuda functions (it has different rules for each)."""
+
+    def noop(*_args, **_kwargs):
+        return None
+
+    return noop
+
+
 class _NullStream:
     """Stand-in for ``torch.cuda.Stream`` / events: CPU work is already synchronous."""
 
@@ -135,9 +145,9 @@ class _NullStream:
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
     cuda.current_device = lambda: 0
-    cuda.synchronize = _noop
-    cuda.set_device = _noop
-    cuda.empty_cache = _noop
+    cuda.synchronize = _new_noop()
+    cuda.set_device = _new_noop()
+    cuda.empty_cache = _new_noop()
     cuda.Stream = _NullStream
     cuda.Event = _NullStream
     cuda.current_stream = lambda *a, **k: _NullStream()
@@ -145,7 +155,7 @@ def _patch_torch_cuda() -> None:
     cuda.stream = lambda *_a, **_k: contextlib.nullcontext()
     cuda.memory_allocated = lambda *a, **k: 0
     cuda.max_memory_allocated = lambda *a, **k: 0
-    cuda.reset_peak_memory_stats = _noop
+    cuda.reset_peak_memory_stats = _new_noop()
     # The CUDA RNG tracker (tensor_parallel/random.py) saves and restores CUDA generator states;
     # on CPU the CPU generator plays that role.
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
@@ -181,6 +191,66 @@ def _patch_megatron_rng() -> None:
     mcore_random._set_cuda_rng_state = _set_rng_state_on_cpu
 
 
+# The MoE router's gating GEMM tests `te_general_gemm is not None`, but 0.16.1 defines that name only
+# when Transformer Engine imports: without TE every MoE forward raises NameError. 0.19.2 sets it to
+# None; here it is defined as None where missing, which selects Megatron's own torch.mm path.
+MOE_ROUTER_GEMM_PATCH = Patch(
+    name="define the MoE router's te_general_gemm as None without Transformer Engine",
+    target="megatron.core.transformer.moe.moe_utils:RouterGatingLinearFunction.forward",
+    versions=">=0.16.1,<=0.19.2",
+    parameters=("ctx", "inp", "weight", "bias", "router_dtype"),
+)
+
+
+def _patch_megatron_moe_router() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    MOE_ROUTER_GEMM_PATCH.verify()
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+# The alltoall token dispatcher hands its split sizes to all_to_all_single through
+# maybe_move_tensor_to_cpu(..., as_numpy=True), which converts only CUDA tensors: on CPU the sizes
+# stay tensors, which all_to_all_single's binding refuses (TypeError). Seen in 0.16.1 and 0.19.2;
+# the replacement does what the function does for a CUDA tensor, for a CPU one.
+MOE_SPLITS_TO_NUMPY_PATCH = Patch(
+    name="alltoall dispatcher split sizes as numpy on CPU",
+    target="megatron.core.transformer.moe.token_dispatcher:maybe_move_tensor_to_cpu",
+    versions=">=0.16.1,<=0.19.2",
+    parameters=("tensor", "as_numpy", "record_stream"),
+)
+
+
+def _splits_on_cpu(tensor, as_numpy=False, record_stream=False):
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.cpu().numpy()
+    return tensor
+
+
+def _patch_megatron_moe_dispatcher() -> None:
+    from megatron.core.transformer.moe import token_dispatcher
+
+    MOE_SPLITS_TO_NUMPY_PATCH.verify()
+    token_dispatcher.maybe_move_tensor_to_cpu = _splits_on_cpu
+
+
+def _run_backward_under_the_mode() -> None:
+    """torch.autograd.backward dispatches through torch-function modes, and a mode is off inside its
+    own handler: everything a backward pass runs would escape the remap (the custom backward of
+    Megatron's MoE all-gather and all-to-all asks for CUDA buffers). The engine call inside it is
+    not dispatched, so it re-enters the mode there."""
+    import torch.autograd as autograd
+
+    engine_run_backward = autograd._engine_run_backward
+
+    def run_backward_in_mode(*args, **kwargs):
+        with _mode:
+            return engine_run_backward(*args, **kwargs)
+
+    autograd._engine_run_backward = run_backward_in_mode
+
+
 def enable_cpu_compat() -> bool:
     """Install the CUDA->CPU remap once per process when CUDA is absent.
 
@@ -193,8 +263,15 @@ def enable_cpu_compat() -> bool:
         if _mode is None:
             _patch_torch_cuda()
             _patch_megatron_rng()
+            _patch_megatron_moe_router()
+            _patch_megatron_moe_dispatcher()
+            # Megatron's jit_fuser is torch.compile (the MoE router's expert-bias update uses it):
+            # dynamo cannot trace under the CUDA->CPU remap mode and trips over the torch.cuda
+            # stand-ins above, and a CPU fusion would buy nothing. Compiled functions run eagerly.
+            torch._dynamo.config.disable = True
             _mode = _CudaToCpuMode()
             _mode.__enter__()
+            _run_backward_under_the_mode()
     return True
 
 

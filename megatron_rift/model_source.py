@@ -118,3 +118,34 @@ def check_architecture(fields: dict, tp: int, pp: int, dataset_vocab: int, sourc
             f"tokenizer's {dataset_vocab}: token ids would fall outside the embedding. Use the "
             "tokenizer the model was converted with, or raise --vocab-size"
         )
+
+
+def expert_parallel_problems(
+    num_experts: int | None, ep: int, world_size: int, tp: int, pp: int, etp: int | None = None
+) -> list[str]:
+    """Why ``ep`` ranks per layer's experts (expert tensor parallel ``etp``, default TP) cannot split
+    a model of ``num_experts`` experts (None: dense) in ``world_size`` processes; empty when they can."""
+    etp = tp if etp is None else etp
+    if ep == 1 and etp == tp:
+        return []
+    if num_experts is None:
+        return [
+            f"--expert-model-parallel-size {ep} / --expert-tensor-parallel-size {etp} need a "
+            "mixture-of-experts model; this one is dense (model_config.json has no num_moe_experts)"
+        ]
+    problems = []
+    if ep < 1 or etp < 1:
+        problems.append(f"expert parallel sizes must be at least 1 (EP={ep}, expert TP={etp})")
+    elif num_experts % ep:
+        problems.append(
+            f"--expert-model-parallel-size {ep} does not divide the model's {num_experts} experts"
+        )
+    # Megatron's expert layout: expert-TP x EP x expert-DP ranks make up each pipeline stage.
+    stage = world_size // pp if world_size % pp == 0 else None
+    if ep >= 1 and etp >= 1 and (stage is None or stage % (ep * etp)):
+        problems.append(
+            f"--expert-model-parallel-size {ep} x expert tensor-parallel size {etp} = {ep * etp} "
+            f"does not divide the {world_size} processes (per pipeline stage: {world_size}/{pp}); "
+            f"launch a multiple of {ep * etp * pp} processes or change the sizes"
+        )
+    return problems

@@ -27,9 +27,12 @@ def init_distributed(
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
     timeout_minutes: float = 10.0,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: int | None = None,
     **layout,
 ) -> None:
-    """Initialize torch.distributed (env:// as torchrun sets it) and Megatron's parallel state.
+    """Initialize torch.distributed (env:// as torchrun sets it) and Megatron's parallel state
+    (with ``expert_model_parallel_size`` ranks sharing a layer's experts, for MoE models).
 
     A plain ``python`` launch works too: it becomes a world of one on a free local port.
     ``layout``: more ``initialize_model_parallel`` keywords (context_parallel_size,
@@ -48,6 +51,8 @@ def init_distributed(
             tensor_model_parallel_size,
             pipeline_model_parallel_size,
             distributed_timeout_minutes=timeout_minutes,  # Megatron's groups get the same
+            expert_model_parallel_size=expert_model_parallel_size,
+            expert_tensor_parallel_size=expert_tensor_parallel_size,
             **layout,
         )
     set_seed(seed)

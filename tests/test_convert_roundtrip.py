@@ -321,7 +321,7 @@ def test_wrong_shape_fails_midway_and_leaves_nothing(hf_models, tmp_path):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("model_type", "gpt2", "supported model types: llama, qwen2, qwen3"),
+        ("model_type", "gpt2", "supported model types: llama, mixtral, qwen2, qwen3, qwen3_moe"),
         ("use_sliding_window", True, "use_sliding_window"),
         (
             "rope_parameters",

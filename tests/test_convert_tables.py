@@ -26,12 +26,14 @@ def _world_of_one():
 
 
 def _arch(family: str, tie: bool) -> GPTArchitecture:
+    moe = dict(num_moe_experts=3, moe_ffn_hidden_size=32) if TABLES[family].moe else {}
     return tiny_architecture(
         num_query_groups=2,
         kv_channels=32,
         tie_word_embeddings=tie,
         hf_model_type=family,
         **TABLES[family].arch_flags,
+        **moe,
     )
 
 
@@ -39,26 +41,29 @@ def _arch(family: str, tie: bool) -> GPTArchitecture:
 @pytest.mark.parametrize("tie", [True, False])
 def test_table_covers_the_local_spec_model_and_its_checkpoint_keys(family, tie):
     arch = _arch(family, tie)
-    spec = get_layer_spec(use_te=False, qk_layernorm=arch.qk_layernorm)
+    spec = get_layer_spec(
+        use_te=False, qk_layernorm=arch.qk_layernorm, num_experts=arch.num_moe_experts
+    )
     model = build_gpt_model(
         arch, to_transformer_config(arch, perform_initialization=False), use_te=False
     )
     rows = TABLES[family].resolve(arch)
 
-    # Module naming of the local spec: separate input_layernorm / pre_mlp_layernorm modules.
+    # Module naming of the local spec: separate input_layernorm / pre_mlp_layernorm modules (and
+    # SequentialMLP's local_experts.N).
     params = {k for k in model.state_dict() if not k.endswith("_extra_state")}
     assert {module_param_name(r.megatron, spec) for r in rows} == params
     assert "decoder.layers.0.input_layernorm.weight" in params
 
-    # Checkpoint naming: what the local spec's sharded_state_dict stores (the TE names, layers stacked).
+    # Checkpoint naming: what the local spec's sharded_state_dict stores (the TE names, layers stacked,
+    # experts stacked once more).
     sharded_state_dict = model.sharded_state_dict()
     apply_factories(sharded_state_dict)  # SwiGLU fc1: a factory that builds [gate, up] tensors
     stored = {}
     for name, sharded in sharded_state_dict.items():
         if not name.endswith("_extra_state"):
             sharded = sharded[0] if isinstance(sharded, list) else sharded
-            layer = sharded.global_offset[0] if sharded.prepend_axis_num else None
-            stored[name] = (sharded.key, layer)
+            stored[name] = (sharded.key, tuple(sharded.global_offset[: sharded.prepend_axis_num]))
     for row in rows:
         assert stored[module_param_name(row.megatron, spec)] == checkpoint_key(row.megatron), (
             row.megatron

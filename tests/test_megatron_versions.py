@@ -41,7 +41,12 @@ def _patches():
     from megatron_rift import cpu_compat
     from megatron_rift.training import dist_optimizer_fixes
 
-    return [cpu_compat.RNG_STATE_PATCH, dist_optimizer_fixes.STATE_SETTER_PATCH]
+    return [
+        cpu_compat.RNG_STATE_PATCH,
+        cpu_compat.MOE_ROUTER_GEMM_PATCH,
+        cpu_compat.MOE_SPLITS_TO_NUMPY_PATCH,
+        dist_optimizer_fixes.STATE_SETTER_PATCH,
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,12 @@ def parse_args(argv=None):
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument(
+        "--expert-model-parallel-size",
+        type=int,
+        default=1,
+        help="MoE models: ranks sharing each layer's experts (the checkpoint reshards to any EP)",
+    )
+    p.add_argument(
         "--target-dtype",
         choices=["fp32", "bf16"],
         default=None,
@@ -47,6 +53,7 @@ def main(argv=None) -> int:
             target_dtype=args.target_dtype,
             tensor_parallel=args.tensor_model_parallel_size,
             pipeline_parallel=args.pipeline_model_parallel_size,
+            expert_parallel=args.expert_model_parallel_size,
             overwrite=args.overwrite,
             verify=args.verify,
             verify_dtype=args.verify_dtype,

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from megatron_rift.convert.errors import ConversionError
+from megatron_rift.convert.moe_config import moe_fields_from_hf, moe_fields_to_hf, other_spellings
 from megatron_rift.convert.tables import TABLES, ArchitectureTable
 from megatron_rift.model.config import GPTArchitecture
 
@@ -105,6 +106,7 @@ def architecture_from_hf_config(cfg: dict, source: str = "config.json") -> GPTAr
         swiglu=True,
         hf_model_type=model_type,
         **table.arch_flags,
+        **moe_fields_from_hf(cfg, table, source),
     )
 
 
@@ -173,6 +175,9 @@ def hf_config_from_architecture(
         torch_dtype=dtype_name,
         dtype=dtype_name,
     )
+    for name in other_spellings(table):
+        cfg.pop(name, None)
+    cfg.update(moe_fields_to_hf(arch, table))
     if table.model_type == "qwen2":
         cfg["use_sliding_window"] = False
     cfg.pop("layer_types", None)  # recomputed by transformers from num_hidden_layers

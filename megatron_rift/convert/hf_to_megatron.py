@@ -109,16 +109,16 @@ def fill_model_from_hf(
     ):
         shards = by_layer[layer]
         for shard in shards:
-            if (shard.key, layer) not in rows:
+            if _row_key(shard) not in rows:
                 raise ConversionError(
-                    f"Megatron parameter {shard.key} (layer {layer}) has no row in the "
+                    f"Megatron parameter {shard.key} (at {_row_key(shard)[1]}) has no row in the "
                     f"{table.model_type!r} conversion table"
                 )
-        needed = {name for shard in shards for name in rows[(shard.key, layer)].hf}
+        needed = {name for shard in shards for name in rows[_row_key(shard)].hf}
         hf_tensors = checkpoint.read(sorted(needed))
         full_cache: dict[str, torch.Tensor] = {}  # fc1's two halves come from one full tensor
         for shard in shards:
-            row = rows[(shard.key, layer)]
+            row = rows[_row_key(shard)]
             if row.megatron not in full_cache:
                 full_cache[row.megatron] = _full_megatron_tensor(row, hf_tensors, arch, shard)
             full = full_cache[row.megatron]
@@ -137,6 +137,12 @@ def fill_model_from_hf(
     if unfilled:
         raise RuntimeError(f"parameters not written by the conversion: {unfilled}")
     return written
+
+
+def _row_key(shard: ShardedTensor) -> tuple[str, tuple[int, ...]]:
+    """(key, indices) as :func:`checkpoint_key` names a table row: the shard's stacked axes
+    (layer; layer and global expert) are its leading ``prepend_axis_num`` offsets."""
+    return shard.key, tuple(shard.global_offset[: shard.prepend_axis_num])
 
 
 def _full_megatron_tensor(
@@ -166,13 +172,15 @@ def convert_hf_to_megatron(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
     overwrite: bool = False,
+    expert_parallel: int = 1,
     verify: bool = False,
     verify_dtype: str = "fp32",
     verify_tolerance: float | None = None,
 ) -> ConversionResult:
     """Convert the HF model folder ``hf_path`` into a Megatron checkpoint root at ``output``.
 
-    Collective when launched under torchrun: each of the TP x PP ranks fills its own shard.
+    Collective when launched under torchrun: each of the TP x PP ranks fills its own shard (and,
+    for an MoE model with ``expert_parallel`` > 1, only its own experts).
     With ``verify`` the written checkpoint is loaded back and compared with the HF model (both computing
     in ``verify_dtype``) before the output is published; above the tolerance nothing is written and
     ConversionError is raised.
@@ -183,7 +191,7 @@ def convert_hf_to_megatron(
     check_hf_weights(checkpoint, table.resolve(arch), table, arch)
     dtype = target_dtype_for(target_dtype, hf_config)
     check_output_dir(output, overwrite)
-    ensure_parallel_state(arch, tensor_parallel, pipeline_parallel)
+    ensure_parallel_state(arch, tensor_parallel, pipeline_parallel, expert_parallel)
     result = ConversionResult(Path(output).resolve(), arch, dtype)
     with staged_output_dir(output, overwrite) as tmp:
         # Every value is overwritten from the HF weights: no random initialization.
@@ -193,6 +201,7 @@ def convert_hf_to_megatron(
             loads_weights=True,
             tensor_model_parallel_size=tensor_parallel,
             pipeline_model_parallel_size=pipeline_parallel,
+            expert_model_parallel_size=expert_parallel,
         )
         model = build_gpt_model(arch, config)
         with torch.no_grad():

@@ -74,23 +74,21 @@ class DistCheckpointReader:
         """Full tensors (TP=1 shape, padded vocabulary as stored) for per-layer Megatron names."""
         request = {}
         for name in names:
-            key, layer = checkpoint_key(name)
+            key, indices = checkpoint_key(name)
             meta = self.metadata[key]
-            if layer is None:
-                data = torch.empty(meta.global_shape, dtype=meta.dtype)
-                request[name] = ShardedTensor.from_rank_offsets(key, data)
-            else:  # row `layer` of the stacked layers, asked for as a [1, ...] slice of the stack
-                data = torch.empty((1, *meta.global_shape[1:]), dtype=meta.dtype)
-                request[name] = ShardedTensor.from_rank_offsets(
-                    key, data, (0, layer, meta.global_shape[0])
-                )
+            # Row [layer] (or [layer, expert]) of the stack, asked for as a [1, (1,) ...] slice of it.
+            stacked = len(indices)
+            data = torch.empty(
+                (1,) * stacked + tuple(meta.global_shape[stacked:]), dtype=meta.dtype
+            )
+            offsets = [(axis, i, meta.global_shape[axis]) for axis, i in enumerate(indices)]
+            request[name] = ShardedTensor.from_rank_offsets(key, data, *offsets)
         # A subset of the layers is requested on purpose: skip the check that every shard is read.
         loaded = megatron_compat.load_distributed(
             request, str(self.folder), validate_access_integrity=False
         )
-        return {
-            name: t[0] if checkpoint_key(name)[1] is not None else t for name, t in loaded.items()
-        }
+        # (a training checkpoint's common state comes back too: only the requested names are kept)
+        return {name: loaded[name][(0,) * len(checkpoint_key(name)[1])] for name in names}
 
 
 def check_megatron_weights(
@@ -111,6 +109,11 @@ def check_megatron_weights(
             problems.append(
                 f"{meta.key} has {meta.global_shape[0]} layers, "
                 f"model_config.json says {arch.num_layers}"
+            )
+        if row.expert == 0 and row.layer == 0 and meta.global_shape[1] != arch.num_moe_experts:
+            problems.append(
+                f"{meta.key} has {meta.global_shape[1]} experts, "
+                f"model_config.json says {arch.num_moe_experts}"
             )
         if row.transform.name == "vocab" and meta.global_shape[0] < arch.vocab_size:
             problems.append(

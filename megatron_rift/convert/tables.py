@@ -7,7 +7,9 @@ under the TE names through its ``sharded_state_dict_keys_map``, so one table and
 serve both specs; :func:`module_param_name` gives a spec's own module naming.
 
 A new architecture is a new table: the HF names, which transform joins them, and the flags the
-architecture sets on :class:`GPTArchitecture`.
+architecture sets on :class:`GPTArchitecture`. Mixture-of-experts tables add rows with an
+``{expert}`` index (one per routed expert) and the names of their config.json fields
+(:class:`MoEConfigNames`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from megatron_rift.convert.transforms import GATE_UP, IDENTITY, QKV, VOCAB, Tran
 from megatron_rift.model.config import GPTArchitecture
 
 LAYER = "{layer}"
+EXPERT = "{expert}"
 LAYERS_PREFIX = "decoder.layers."
+# Module naming of a local expert; dist_checkpointing stores all experts of a layer stacked under
+# `...experts.experts.` (SequentialMLP and TEGroupedMLP alike), indexed by the global expert.
+LOCAL_EXPERT = re.compile(r"^(?P<head>.*\.)local_experts\.(?P<expert>\d+)\.(?P<tail>.*)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +54,17 @@ class ResolvedWeight:
     hf: tuple[str, ...]
     transform: Transform
     layer: int | None
+    expert: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfigNames:
+    """Where an MoE family's config.json keeps the expert layout (the rest is read the same way)."""
+
+    num_experts: tuple[str, ...]  # accepted spellings, the first one is written
+    expert_ffn: str  # the size of one expert's MLP
+    # config.json's norm_topk_prob, or None where the family always renormalizes (Mixtral)
+    norm_topk_prob: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,16 +75,25 @@ class ArchitectureTable:
     arch_flags: Mapping[str, bool] = dataclasses.field(default_factory=dict)
     # HF tensors that carry no weights (buffers some old exports saved).
     ignored_hf: tuple[str, ...] = (r"\.rotary_emb\.inv_freq$",)
+    moe: MoEConfigNames | None = None  # None: a dense family
 
     def resolve(self, arch: GPTArchitecture) -> list[ResolvedWeight]:
-        """Every weight of a model with this architecture, in HF order (embedding, layers, head)."""
+        """Every weight of a model with this architecture, in HF order (embedding, layers, head;
+        within a layer, the shared weights before the experts)."""
         used = [m for m in self.mappings if not (m.untied_only and arch.tie_word_embeddings)]
         first = [m for m in used if m.megatron.startswith("embedding.")]
-        per_layer = [m for m in used if LAYER in m.megatron]
-        last = [m for m in used if m not in first and m not in per_layer]
+        per_layer = [m for m in used if LAYER in m.megatron and EXPERT not in m.megatron]
+        per_expert = [m for m in used if EXPERT in m.megatron]
+        last = [m for m in used if m not in first and m not in per_layer + per_expert]
+        experts = range(arch.num_moe_experts or 0)
         return (
             [_resolve(m, None) for m in first]
-            + [_resolve(m, i) for i in range(arch.num_layers) for m in per_layer]
+            + [
+                row
+                for i in range(arch.num_layers)
+                for row in [_resolve(m, i) for m in per_layer]
+                + [_resolve(m, i, e) for e in experts for m in per_expert]
+            ]
             + [_resolve(m, None) for m in last]
         )
 
@@ -75,12 +101,16 @@ class ArchitectureTable:
         return any(re.search(p, hf_name) for p in self.ignored_hf)
 
 
-def _resolve(mapping: WeightMapping, layer: int | None) -> ResolvedWeight:
+def _resolve(
+    mapping: WeightMapping, layer: int | None, expert: int | None = None
+) -> ResolvedWeight:
     def fill(name: str) -> str:
-        return name if layer is None else name.replace(LAYER, str(layer))
+        if layer is not None:
+            name = name.replace(LAYER, str(layer))
+        return name if expert is None else name.replace(EXPERT, str(expert))
 
     return ResolvedWeight(
-        fill(mapping.megatron), tuple(fill(h) for h in mapping.hf), mapping.transform, layer
+        fill(mapping.megatron), tuple(fill(h) for h in mapping.hf), mapping.transform, layer, expert
     )
 
 
@@ -143,6 +173,30 @@ _QK_NORM = (
     ),
 )
 
+
+def _moe_layer(block: str, router: str, gate: str, up: str, down: str) -> tuple[WeightMapping, ...]:
+    """The MLP half of an MoE decoder layer: the pre-MLP norm (its own module in an MoE layer), the
+    router and each expert's SwiGLU MLP. ``block`` is the HF MoE module's name in a layer."""
+    hf_block = f"model.layers.{{layer}}.{block}"
+    expert = f"{hf_block}.experts.{{expert}}"
+    megatron_expert = "decoder.layers.{layer}.mlp.experts.local_experts.{expert}"
+    return (
+        WeightMapping(
+            "decoder.layers.{layer}.pre_mlp_layernorm.weight",
+            ("model.layers.{layer}.post_attention_layernorm.weight",),
+        ),
+        WeightMapping("decoder.layers.{layer}.mlp.router.weight", (f"{hf_block}.{router}.weight",)),
+        WeightMapping(
+            f"{megatron_expert}.linear_fc1.weight",
+            (f"{expert}.{gate}.weight", f"{expert}.{up}.weight"),
+            GATE_UP,
+        ),
+        WeightMapping(f"{megatron_expert}.linear_fc2.weight", (f"{expert}.{down}.weight",)),
+    )
+
+
+_ATTENTION = _DECODER_LAYER[:3]  # input norm, q/k/v, output projection
+
 LLAMA = ArchitectureTable("llama", "LlamaForCausalLM", _EMBEDDING_AND_HEAD + _DECODER_LAYER)
 # Qwen2 / Qwen2.5 / Qwen2.5-Math / DeepSeek-R1-Distill-Qwen: Llama plus biases on q, k, v.
 QWEN2 = ArchitectureTable(
@@ -159,11 +213,36 @@ QWEN3 = ArchitectureTable(
     arch_flags={"qk_layernorm": True},
 )
 
-TABLES: dict[str, ArchitectureTable] = {t.model_type: t for t in (LLAMA, QWEN2, QWEN3)}
+# Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): Qwen3's attention, every MLP a routed MoE block.
+QWEN3_MOE = ArchitectureTable(
+    "qwen3_moe",
+    "Qwen3MoeForCausalLM",
+    _EMBEDDING_AND_HEAD
+    + _ATTENTION
+    + _QK_NORM
+    + _moe_layer("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
+    arch_flags={"qk_layernorm": True},
+    moe=MoEConfigNames(
+        ("num_experts", "num_local_experts"), "moe_intermediate_size", "norm_topk_prob"
+    ),
+)
+# Mixtral: Llama's attention, every MLP a routed MoE block (w1 gate, w3 up, w2 down).
+MIXTRAL = ArchitectureTable(
+    "mixtral",
+    "MixtralForCausalLM",
+    _EMBEDDING_AND_HEAD + _ATTENTION + _moe_layer("block_sparse_moe", "gate", "w1", "w3", "w2"),
+    moe=MoEConfigNames(("num_local_experts",), "intermediate_size"),
+)
+
+TABLES: dict[str, ArchitectureTable] = {
+    t.model_type: t for t in (LLAMA, QWEN2, QWEN3, QWEN3_MOE, MIXTRAL)
+}
 
 
 def table_for_architecture(arch: GPTArchitecture) -> ArchitectureTable:
     """The table of ``arch.hf_model_type``; for models not converted from HF, the one whose flags fit."""
+    if arch.is_moe and arch.hf_model_type is None:
+        raise KeyError("an MoE model not converted from HF has no conversion table")
     if arch.hf_model_type is not None:
         if arch.hf_model_type not in TABLES:
             raise KeyError(
@@ -180,14 +259,20 @@ def table_for_architecture(arch: GPTArchitecture) -> ArchitectureTable:
     raise KeyError("no HF architecture has both q/k/v biases and q/k norms")
 
 
-def checkpoint_key(megatron_name: str) -> tuple[str, int | None]:
-    """(stored key, layer): Megatron-Core stores the decoder layers stacked, so ``decoder.layers.3.X``
-    is row 3 of ``decoder.layers.X``."""
+def checkpoint_key(megatron_name: str) -> tuple[str, tuple[int, ...]]:
+    """(stored key, indices into its stacked leading axes): Megatron-Core stores the decoder layers
+    stacked, so ``decoder.layers.3.X`` is row 3 of ``decoder.layers.X``, and a layer's experts stacked
+    once more: ``decoder.layers.3.mlp.experts.local_experts.5.Y`` is [3, 5] of
+    ``decoder.layers.mlp.experts.experts.Y``."""
     if megatron_name.startswith(LAYERS_PREFIX):
         index, _, rest = megatron_name[len(LAYERS_PREFIX) :].partition(".")
         if index.isdigit():
-            return LAYERS_PREFIX + rest, int(index)
-    return megatron_name, None
+            expert = LOCAL_EXPERT.match(rest)
+            if expert:
+                key = f"{expert['head']}experts.{expert['tail']}"
+                return LAYERS_PREFIX + key, (int(index), int(expert["expert"]))
+            return LAYERS_PREFIX + rest, (int(index),)
+    return megatron_name, ()
 
 
 def layer_keys_map(layer_spec) -> dict[str, str]:

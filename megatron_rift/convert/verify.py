@@ -124,6 +124,7 @@ def verify_parity(
     gets the same result. Differences are taken over the real (unpadded) vocabulary."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
     # On a GPU machine the collectives are NCCL's: everything they touch must live on the GPU.
     on_gpu = default_device() == "cuda"
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -134,6 +135,7 @@ def verify_parity(
         loads_weights=True,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
     )
     model = build_gpt_model(arch, config).to(device)
     model.eval()

@@ -41,7 +41,11 @@ def build_gpt_model(
         post_process = parallel_state.is_pipeline_last_stage()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     spec = get_layer_spec(
-        use_te=use_te, qk_layernorm=arch.qk_layernorm, normalization=arch.normalization
+        use_te=use_te,
+        qk_layernorm=arch.qk_layernorm,
+        normalization=arch.normalization,
+        num_experts=arch.num_moe_experts,
+        moe_grouped_gemm=config.moe_grouped_gemm,
     )
     if config.sequence_parallel:
         spec = sequence_parallel_block_spec(spec, config, vp_stage)

@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_rift.checkpoint_layout import MODEL_CONFIG_FILE
 from megatron_rift.model.device_settings import FusedKernels, default_device, device_settings
+from megatron_rift.model_source import expert_parallel_problems
 
 
 # The shape has no defaults (a silent toy model would train): tiny shapes live in tests and the
@@ -43,6 +44,16 @@ class GPTArchitecture:
     swiglu: bool = True
     make_vocab_size_divisible_by: int = 128
     hf_model_type: str | None = None  # llama / qwen2 / qwen3 when converted from HF
+    # Mixture of experts (None: a dense model). Every decoder layer is an MoE layer: Megatron-Core's
+    # MoELayer with a TopKRouter and num_moe_experts experts of moe_ffn_hidden_size.
+    num_moe_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None  # None means ffn_hidden_size
+    # False: softmax over the top-k logits (= top-k probabilities renormalized to sum to 1, HF's
+    # norm_topk_prob / Mixtral); True: softmax over all experts, then the top k (not renormalized).
+    moe_router_pre_softmax: bool = False
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_aux_loss_coeff: float = 0.0  # the HF config's router_aux_loss_coef: the trainer's default
 
     def __post_init__(self):
         if self.num_query_groups is None:
@@ -51,6 +62,12 @@ class GPTArchitecture:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.kv_channels is None:
             self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.num_moe_experts is not None and self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts is not None
 
     def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
         """Megatron's rule: pad to a multiple of make-vocab-size-divisible-by x TP."""
@@ -76,11 +93,35 @@ class GPTArchitecture:
                 f"ffn_hidden_size={self.ffn_hidden_size} is not divisible by "
                 f"tensor-model-parallel-size={tp}"
             )
+        if self.is_moe and self.moe_ffn_hidden_size % tp:
+            problems.append(
+                f"moe_ffn_hidden_size={self.moe_ffn_hidden_size} is not divisible by "
+                f"tensor-model-parallel-size={tp} (the expert tensor-parallel size)"
+            )
         if self.num_layers % pp:
             problems.append(
                 f"num_layers={self.num_layers} is not divisible by "
                 f"pipeline-model-parallel-size={pp}"
             )
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def check_expert_parallel(
+        self,
+        expert_parallel_size: int,
+        world_size: int,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+    ) -> None:
+        """Raise ValueError with a readable reason when ``expert_parallel_size`` cannot split this
+        model's experts in a launch of ``world_size`` processes."""
+        problems = expert_parallel_problems(
+            self.num_moe_experts,
+            expert_parallel_size,
+            world_size,
+            tensor_parallel_size,
+            pipeline_parallel_size,
+        )
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -148,6 +189,22 @@ def to_transformer_config(
         fp16=params_dtype == torch.float16,
         init_method_std=0.02,
     )
+    kwargs.update(_moe_fields(arch))
     kwargs.update(device_settings(device or default_device(), loads_weights, arch, kernels))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def _moe_fields(arch: GPTArchitecture) -> dict:
+    """TransformerConfig's MoE fields for ``arch`` (none for a dense model). The trainer's flags
+    (aux-loss coefficient, dispatcher, grouped GEMM) come as overrides."""
+    if not arch.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=arch.num_moe_experts,
+        moe_router_topk=arch.moe_router_topk,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_pre_softmax=arch.moe_router_pre_softmax,
+        moe_shared_expert_intermediate_size=arch.moe_shared_expert_intermediate_size,
+        moe_aux_loss_coeff=0.0,  # no router loss outside training
+    )

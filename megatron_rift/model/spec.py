@@ -32,14 +32,30 @@ def transformer_engine_available() -> bool:
 
 
 def get_layer_spec(
-    use_te: bool | None = None, qk_layernorm: bool = False, normalization: str = "RMSNorm"
+    use_te: bool | None = None,
+    qk_layernorm: bool = False,
+    normalization: str = "RMSNorm",
+    num_experts: int | None = None,
+    moe_grouped_gemm: bool = False,
 ) -> ModuleSpec:
-    """Layer spec for GPTModel. ``use_te=None`` picks TE when available."""
+    """Layer spec for GPTModel. ``use_te=None`` picks TE when available.
+
+    With ``num_experts`` the MLP is Megatron-Core's MoELayer: experts as ``SequentialMLP`` (local, CPU)
+    or ``TEGroupedMLP`` (TE with ``moe_grouped_gemm``); both store the same checkpoint layout.
+    """
     if use_te is None:
         use_te = transformer_engine_available()
+    moe = dict(num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm) if num_experts else {}
     if use_te:
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm, **moe)
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization, **moe)
+    if num_experts:
+        # The TE MoE spec keeps pre_mlp_layernorm as its own module (nothing to fuse it into), stored
+        # as `pre_mlp_layernorm.weight`; the local spec would rename it to the dense layer's fused
+        # name. Dropping that rename gives both specs one checkpoint layout.
+        keys_map = dict(spec.submodules.sharded_state_dict_keys_map)
+        keys_map.pop("pre_mlp_layernorm.", None)
+        spec.submodules = dataclasses.replace(spec.submodules, sharded_state_dict_keys_map=keys_map)
     attention = spec.submodules.self_attention
     attention.submodules = dataclasses.replace(
         attention.submodules, core_attention=SDPACoreAttention

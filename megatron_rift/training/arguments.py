@@ -33,6 +33,7 @@ _GROUP_TITLES = {
     "logging": "logging",
     "memory": "activation memory (recompute)",
     "reliability": "faults: NaN/Inf steps, lost ranks (docs/reliability.md)",
+    "moe": "mixture of experts (MoE models; docs/moe.md)",
 }
 
 

@@ -289,6 +289,50 @@ class ArchitectureConfig:
         return fields
 
 
+MOE_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+MOE_TOKEN_DISPATCHERS = ("allgather", "alltoall")
+
+
+@dataclasses.dataclass
+class MoEConfig:
+    """Mixture-of-experts runs (Megatron-LM's flags; a dense model refuses them). The expert layout
+    (number, size, top-k, router normalization) comes from model_config.json."""
+
+    expert_model_parallel_size: int = flag(1, "ranks that share each MoE layer's experts (EP)")
+    expert_tensor_parallel_size: int | None = flag(
+        None, "tensor-parallel size inside each expert (default: --tensor-model-parallel-size)"
+    )
+    moe_router_topk: int | None = flag(
+        None, "experts per token (default: the model's, from its HF config)"
+    )
+    moe_aux_loss_coeff: float | None = flag(
+        None,
+        "weight of the router's load-balancing loss (default: the HF config's "
+        "router_aux_loss_coef); docs/moe.md says how it combines with the per-token loss",
+    )
+    moe_router_load_balancing_type: str | None = flag(
+        None, "load-balancing loss (default aux_loss)", choices=MOE_LOAD_BALANCING_TYPES
+    )
+    moe_z_loss_coeff: float | None = flag(None, "weight of the router z-loss (default: none)")
+    moe_token_dispatcher_type: str | None = flag(
+        None,
+        "how tokens reach their experts' ranks (default allgather)",
+        choices=MOE_TOKEN_DISPATCHERS,
+    )
+    moe_grouped_gemm: bool = flag(
+        False, "all local experts in one grouped GEMM (TEGroupedMLP: Transformer Engine + GPU)"
+    )
+
+    def given(self) -> list[str]:
+        """The flags set away from their defaults (a dense model accepts none of them)."""
+        defaults = MoEConfig()
+        return [
+            "--" + f.name.replace("_", "-")
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(defaults, f.name)
+        ]
+
+
 @dataclasses.dataclass
 class MemoryConfig:
     """Activation recompute (Megatron-LM's flags; Megatron-Core's TransformerConfig fields)."""
@@ -408,6 +452,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     reliability: ReliabilityConfig = dataclasses.field(default_factory=ReliabilityConfig)
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     # Modules imported before the configuration is checked: they may register objectives
     # (megatron_rift.objectives.register).
     plugins: tuple[str, ...] = ()

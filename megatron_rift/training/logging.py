@@ -114,7 +114,8 @@ class MetricsLogger:
             f"[{time.strftime('%H:%M:%S')}] step {step}/{self.train_iters} | "
             f"loss {record.get('loss', float('nan')):.6g} | lr {record['lr']:.3g} | "
             f"grad norm {record['grad_norm']:.4g} | {record['tokens_per_s']:.0f} tokens/s | "
-            f"ETA {format_duration(eta)}",
+            + (f"moe aux loss {record['moe_aux_loss']:.4g} | " if "moe_aux_loss" in record else "")
+            + f"ETA {format_duration(eta)}",
             file=sys.stdout,
             flush=True,
         )

@@ -33,6 +33,7 @@ from megatron_rift.training.layout import (
 )
 from megatron_rift.training.logging import MetricsLogger
 from megatron_rift.training.lost_rank import is_collective_failure, lost_rank_error
+from megatron_rift.training.moe import router_loss_metrics
 from megatron_rift.training.nonfinite import NonFiniteGuard
 from megatron_rift.training.preflight import RunPlan
 from megatron_rift.training.setup import build_reference_model, setup_training
@@ -71,6 +72,8 @@ def run_training(config: TrainConfig, plan: RunPlan) -> dict:
         config.schedule.seed,
         **parallel_state_layout(plan.layout),
         timeout_minutes=config.reliability.distributed_timeout_minutes,
+        expert_model_parallel_size=config.moe.expert_model_parallel_size,
+        expert_tensor_parallel_size=config.moe.expert_tensor_parallel_size,
     )
     try:
         return _train(config, plan, seq_length, dataset, units)
@@ -159,6 +162,16 @@ def _train(config: TrainConfig, plan: RunPlan, seq_length: int, dataset, units) 
                 check_nonfinite=reliability.check_for_nan_in_loss_and_grad,
             )
             nonfinite = values.pop("nonfinite", None)
+            if components.arch.is_moe:  # Megatron's router losses of this step, logged
+                routed = get_num_microbatches() * data.rows_per_micro_batch * data.seq_length
+                values.update(
+                    router_loss_metrics(
+                        components.arch.num_layers,
+                        get_num_microbatches(),
+                        routed * plan.data_parallel,
+                        values.get("loss_tokens"),
+                    )
+                )
             elapsed = time.perf_counter() - started
             record = {
                 "step": iteration,

@@ -48,6 +48,7 @@ from megatron_rift.training.config import (
     TrainConfig,
 )
 from megatron_rift.training.layout import Layout, check_layout, check_model_layout
+from megatron_rift.training.moe_preflight import check_moe
 
 
 @dataclasses.dataclass
@@ -383,6 +384,7 @@ def preflight(config: TrainConfig, world_size: int) -> RunPlan:
     dataset_vocab = int(info["tokenizer"]["vocab_size"])
     fields, source = resolve_architecture(config.architecture.given(), dataset_vocab, start_dir)
     check_architecture(fields, tp, pp, dataset_vocab, source)
+    fields = check_moe(config, fields, world_size, tp, pp)
     layout = check_model_layout(config, int(fields["num_layers"]), num_micro)
     check_objective(objective, config.objective, info)
     _check_reference(objective, config.objective, pp, start, config.checkpoint)

@@ -28,6 +28,7 @@ from megatron_rift.model.stage import (
 from megatron_rift.training.config import OptimConfig, TrainConfig
 from megatron_rift.training.layout import ddp_layout, transformer_layout
 from megatron_rift.training.model_chunks import set_overlap_hooks, stage_flags, virtual_stages
+from megatron_rift.training.moe import keep_experts_apart, moe_transformer_overrides
 from megatron_rift.training.preflight import RunPlan
 
 
@@ -53,6 +54,7 @@ def run_transformer_config(config: TrainConfig, plan: RunPlan, arch: GPTArchitec
         fp8_recipe=precision.fp8_recipe,
         variable_seq_lengths=config.data.sequence_packing and plan.pipeline_parallel > 1,
         layout=transformer_layout(config, plan.layout),
+        moe_overrides=moe_transformer_overrides(config.moe, arch),
     )
 
 
@@ -78,6 +80,8 @@ def build_model(config: TrainConfig, plan: RunPlan, arch: GPTArchitecture):
             cross_entropy_chunk=config.precision.cross_entropy_chunk,
             **stage_flags(vp_stage),
         )
+        if arch.is_moe:
+            keep_experts_apart(gpt)  # one optimizer-state layout at every EP
         model = place_model(gpt, transformer_config)
         # Megatron-LM: only the first chunk buckets its gradients (the others reduce as one).
         chunks.append(

@@ -36,6 +36,31 @@ FAMILIES = {
 }
 
 
+# Mixture-of-experts families: 4 experts, top-2, experts of 32 (the dense MLP size 96 stays in the
+# config as Qwen3-MoE keeps it). Qwen3-MoE without top-k renormalization (its default), so the
+# router's other normalization is exercised by Mixtral.
+MOE_FAMILIES = {
+    "qwen3_moe": dict(
+        num_key_value_heads=2,
+        head_dim=32,
+        tie_word_embeddings=False,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=False,
+        rope_theta=1e6,
+    ),
+    "mixtral": dict(
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+        rope_theta=1e6,
+    ),
+}
+
+
 def tiny_architecture(**overrides):
     """A ``GPTArchitecture`` of :func:`hf_config`'s shape (2 layers, hidden 64, 4 heads, ffn 96,
     vocabulary VOCAB); ``overrides`` replace any field."""
@@ -48,9 +73,15 @@ def tiny_architecture(**overrides):
 
 
 def hf_config(family: str, **overrides):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    cls = {
+        "llama": LlamaConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+        "qwen3_moe": Qwen3MoeConfig,
+        "mixtral": MixtralConfig,
+    }[family]
     kwargs = dict(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -62,7 +93,7 @@ def hf_config(family: str, **overrides):
         bos_token_id=1,
         eos_token_id=2,
     )
-    kwargs.update(FAMILIES[family])
+    kwargs.update({**FAMILIES, **MOE_FAMILIES}[family])
     kwargs.update(overrides)
     return cls(**kwargs)
 
