@@ -63,35 +63,7 @@ class _CudaToCpuMode(TorchFunctionMode):
                 args = (args[0], target.replace(".cuda.", ".", 1)) + tuple(args[2:])
         if name in ("pin_memory",) and args and isinstance(args[0], torch.Tensor):
             return args[0]
-        if func is torch.autograd.backward:
-            return _backward_under_mode(self, func, args, kwargs)
-        if func is torch.Tensor.backward:
-            return _backward_under_mode(self, _tensor_backward, args, kwargs)
         return func(*args, **kwargs)
-
-
-def _tensor_backward(tensor, gradient=None, retain_graph=None, create_graph=False, inputs=None):
-    """``Tensor.backward`` by way of ``torch.autograd.backward`` (which it calls itself)."""
-    torch.autograd.backward(tensor, gradient, retain_graph, create_graph, inputs=inputs)
-
-
-def _backward_under_mode(mode: TorchFunctionMode, func, args, kwargs):
-    """Run ``torch.autograd.backward`` with the remap on.
-
-    torch 2.13's ``autograd.backward`` dispatches to function modes, whose handler runs with the
-    mode popped; but the backward of Megatron's sequence-parallel linear layers allocates on
-    ``torch.cuda.current_device()`` (tensor_parallel/layers.py), so the engine must run under the
-    remap. The mode is pushed back and the dispatch check skipped for this one call.
-    """
-    import torch.autograd as autograd
-
-    dispatch_check = autograd.has_torch_function
-    autograd.has_torch_function = lambda *_: False
-    try:
-        with mode:
-            return func(*args, **kwargs)
-    finally:
-        autograd.has_torch_function = dispatch_check
 
 
 def _noop(*_args, **_kwargs):
@@ -236,10 +208,11 @@ def _patch_megatron_moe_dispatcher() -> None:
 
 
 def _run_backward_under_the_mode() -> None:
-    """torch.autograd.backward dispatches through torch-function modes, and a mode is off inside its
-    own handler: everything a backward pass runs would escape the remap (the custom backward of
-    Megatron's MoE all-gather and all-to-all asks for CUDA buffers). The engine call inside it is
-    not dispatched, so it re-enters the mode there."""
+    """torch 2.13's autograd.backward (and Tensor.backward) dispatch through torch-function modes,
+    and a mode is off inside its own handler: everything a backward pass runs would escape the
+    remap (the backward of Megatron's sequence-parallel linear layers and of its MoE all-gather
+    and all-to-all allocate on CUDA). The engine call inside is not dispatched, so it re-enters
+    the mode there."""
     import torch.autograd as autograd
 
     engine_run_backward = autograd._engine_run_backward
