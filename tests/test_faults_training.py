@@ -169,11 +169,15 @@ def test_damaged_checkpoints_are_named_before_loading(assets, tmp_path):
         return str(caught.value)
 
     root = _copy_checkpoint(release, tmp_path / "missing_shard")
-    (root / "release" / "__0_1.distcp").unlink()
-    assert f"{root}/release/__0_1.distcp is missing" in verdict(root)
-    root = _copy_checkpoint(release, tmp_path / "common")
-    (root / "release" / "common.pt").unlink()
-    assert f"{root}/release/common.pt is missing" in verdict(root)
+    shard = sorted((root / "release").glob("*.distcp"))[-1]
+    shard.unlink()
+    assert f"{shard} is missing" in verdict(root)
+    # The common state: its own file before megatron-core 0.19, inside the shards since.
+    for name in ("common.pt", ".metadata"):
+        root = _copy_checkpoint(release, tmp_path / f"no{name}")
+        if (root / "release" / name).is_file():
+            (root / "release" / name).unlink()
+            assert f"{root}/release/{name} is missing" in verdict(root)
     root = _copy_checkpoint(release, tmp_path / "tracker")
     (root / TRACKER_FILE).write_text("7")
     message = verdict(root)
