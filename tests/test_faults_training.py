@@ -10,7 +10,7 @@ rank's own exit code and message show, and nothing kills a rank for another's fa
    ``--load-fallback previous`` resumes from 2 (the one the full disk left) and says so; its
    next steps have the same losses; with ``--skip-nan-steps 1`` a NaN at step 5 is skipped and
    logged, a NaN at step 6 ends every rank with exit 1 before anything of it is saved;
-3. rank 1 SIGKILLed inside step 2, with ``--distributed-timeout-minutes 0.1``: rank 0 names it
+3. rank 1 SIGKILLed inside step 2, with ``--distributed-timeout-minutes 0.5``: rank 0 names it
    and exits 1 (gloo sees the closed connection at once; the timeout bounds a hung peer).
 
 Damaged checkpoints (a missing shard or common state, a tracker naming a missing iteration, a
@@ -200,7 +200,7 @@ def test_damaged_checkpoints_are_named_before_loading(assets, tmp_path):
 def test_a_killed_rank_is_named_and_the_survivor_exits(assets, tmp_path):
     args = [
         *tiny_rift_args(assets),
-        *("--tensor-model-parallel-size", "2", "--distributed-timeout-minutes", "0.1"),
+        *("--tensor-model-parallel-size", "2", "--distributed-timeout-minutes", "0.5"),
     ]
     results = run_faults(tmp_path / "dead", ["kill-rank:1@step:2"], args)
     assert results[1][0] == -signal.SIGKILL, results[1][1][-3000:]
