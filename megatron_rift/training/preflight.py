@@ -224,13 +224,12 @@ def checked_start_point(ckpt: CheckpointConfig) -> tuple[str, str | None, int | 
             f"one, {iteration_dir_name(previous)} (--load-fallback previous)"
         )
         return start, start_dir, previous, note
-    hint = (
-        f" Pass --load-fallback previous to start from {iteration_dir_name(previous)}, the newest "
-        "complete checkpoint before it"
-        if previous is not None
-        else ""
-    )
-    if not hint:
+    if previous is not None:
+        hint = (
+            f" Pass --load-fallback previous to start from {iteration_dir_name(previous)}, the "
+            "newest complete checkpoint before it"
+        )
+    else:
         hint = " Restore that checkpoint, or point --load / --pretrained-checkpoint elsewhere"
     raise ConfigError(
         f"cannot load {folder} (named by {Path(start_dir) / TRACKER_FILE}): {problem}.{hint}"
