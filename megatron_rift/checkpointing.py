@@ -19,8 +19,10 @@ point leaves the previous checkpoint and tracker intact.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -113,7 +115,8 @@ def save_checkpoint(
         tmp.mkdir()
     barrier()
     try:
-        megatron_compat.save_distributed(sharded_state_dict, str(tmp))
+        with _writer_errors() as logged:
+            megatron_compat.save_distributed(sharded_state_dict, str(tmp))
         if global_rank() == 0:  # all ranks' writes are gathered by now: record what they wrote
             _write_record(tmp)
         failure = None
@@ -121,6 +124,9 @@ def save_checkpoint(
     # BaseException) or whatever the failing call raised.
     except (Exception, CheckpointException) as err:
         failure = err
+        if logged:  # megatron-core 0.19 keeps a writer's OSError only in its log
+            failure = RuntimeError("; ".join(logged[:3]))
+            failure.__cause__ = err
     _give_up_on_failure(failure, root, tmp, iteration)
     if before_publish is not None:
         before_publish(tmp)
@@ -131,6 +137,25 @@ def save_checkpoint(
             _prune(root, keep_last, keep=final.name)
     barrier()
     return final
+
+
+@contextlib.contextmanager
+def _writer_errors():
+    """The error messages dist_checkpointing logs while this block runs (a list, filled as they
+    come): 0.19's writer threads log their exception and raise only its type."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger("megatron.core.dist_checkpointing")
+    handler = Collect(level=logging.ERROR)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
 
 
 class CheckpointSaveError(RuntimeError):

@@ -10,8 +10,9 @@ rank's own exit code and message show, and nothing kills a rank for another's fa
    ``--load-fallback previous`` resumes from 2 (the one the full disk left) and says so; its
    next steps have the same losses; with ``--skip-nan-steps 1`` a NaN at step 5 is skipped and
    logged, a NaN at step 6 ends every rank with exit 1 before anything of it is saved;
-3. rank 1 SIGKILLed inside step 2, with ``--distributed-timeout-minutes 0.1``: rank 0 names it
-   and exits 1 (gloo sees the closed connection at once; the timeout bounds a hung peer).
+3. rank 1 SIGKILLed inside step 2, with ``--distributed-timeout-minutes 0.5``: rank 0 names it
+   and exits 1 (gloo sees the closed connection at once; the timeout bounds a hung peer); the
+   same under torchrun (launched alongside) ends torchrun, whose report names rank 1.
 
 Damaged checkpoints (a missing shard or common state, a tracker naming a missing iteration, a
 model_config.json that disagrees with the weights) are checked in-process.
@@ -65,7 +66,9 @@ def start_fault_ranks(run_dir: Path, faults: list[str], args: list[str]) -> list
     return procs
 
 
-def wait_fault_ranks(procs: list, run_dir: Path) -> list[tuple[int, str, float]]:
+def wait_fault_ranks(
+    procs: list, run_dir: Path, output: str = "rank{rank}.txt"
+) -> list[tuple[int, str, float]]:
     """[(exit code, output, seconds)] per rank; kills what is left of each rank's session."""
     started, results = time.monotonic(), []
     for rank, proc in enumerate(procs):
@@ -73,9 +76,8 @@ def wait_fault_ranks(procs: list, run_dir: Path) -> list[tuple[int, str, float]]
             code = proc.wait(timeout=max(1.0, RANK_TIMEOUT - (time.monotonic() - started)))
         except subprocess.TimeoutExpired:
             code = None
-        results.append(
-            (code, (run_dir / f"rank{rank}.txt").read_text(), time.monotonic() - started)
-        )
+        text = (run_dir / output.format(rank=rank)).read_text()
+        results.append((code, text, time.monotonic() - started))
     for proc in procs:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -169,11 +171,15 @@ def test_damaged_checkpoints_are_named_before_loading(assets, tmp_path):
         return str(caught.value)
 
     root = _copy_checkpoint(release, tmp_path / "missing_shard")
-    (root / "release" / "__0_1.distcp").unlink()
-    assert f"{root}/release/__0_1.distcp is missing" in verdict(root)
-    root = _copy_checkpoint(release, tmp_path / "common")
-    (root / "release" / "common.pt").unlink()
-    assert f"{root}/release/common.pt is missing" in verdict(root)
+    shard = sorted((root / "release").glob("*.distcp"))[-1]
+    shard.unlink()
+    assert f"{shard} is missing" in verdict(root)
+    # The common state: its own file before megatron-core 0.19, inside the shards since.
+    for name in ("common.pt", ".metadata"):
+        root = _copy_checkpoint(release, tmp_path / f"no{name}")
+        if (root / "release" / name).is_file():
+            (root / "release" / name).unlink()
+            assert f"{root}/release/{name} is missing" in verdict(root)
     root = _copy_checkpoint(release, tmp_path / "tracker")
     (root / TRACKER_FILE).write_text("7")
     message = verdict(root)
@@ -194,13 +200,33 @@ def test_damaged_checkpoints_are_named_before_loading(assets, tmp_path):
 
 
 def test_a_killed_rank_is_named_and_the_survivor_exits(assets, tmp_path):
+    """Without a launcher (as after a node loss, where no local agent sees the dead rank) the
+    survivor names it; under torchrun the agent stops the survivor and names the dead rank too.
+    Both launches run at once."""
     args = [
         *tiny_rift_args(assets),
-        *("--tensor-model-parallel-size", "2", "--distributed-timeout-minutes", "0.1"),
+        *("--tensor-model-parallel-size", "2", "--distributed-timeout-minutes", "0.5"),
     ]
+    fault = ["--fault", "kill-rank:1@step:2"]
+    (tmp_path / "torchrun").mkdir()
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+        + ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+        + ["-m", "tests.workers.fault_trainer", *fault, *args],
+        stdout=open(tmp_path / "torchrun" / "output.txt", "w"),
+        stderr=subprocess.STDOUT,
+        env=_env(),
+        cwd=str(REPO),
+        start_new_session=True,
+    )
+    started = time.monotonic()
     results = run_faults(tmp_path / "dead", ["kill-rank:1@step:2"], args)
+    launched = wait_fault_ranks([launcher], tmp_path / "torchrun", output="output.txt")[0]
     assert results[1][0] == -signal.SIGKILL, results[1][1][-3000:]
     code, output, seconds = results[0]
     assert code == 1, output[-4000:]
     assert "rank 0 lost contact with rank(s) 1" in output and "during step 2" in output, output
     assert seconds < 90, seconds
+    code, output, _ = launched
+    assert code != 0 and time.monotonic() - started < 120, output[-4000:]
+    assert "local_rank: 1" in output and "(SIGKILL)" in output, output[-4000:]

@@ -388,7 +388,8 @@ def test_start_points_follow_the_checkpoint_trackers(assets, tmp_path):
     assert (plan.start, plan.start_dir) == ("finetune", release)
 
     trainer_root = tmp_path / "trained"
-    (trainer_root / "iter_0000003").mkdir(parents=True)
+    # A complete iteration folder (the preflight checks its files; their content is a model's).
+    shutil.copytree(f"{release}/release", trainer_root / "iter_0000003")
     shutil.copy(f"{release}/model_config.json", trainer_root)
     (trainer_root / "latest_checkpointed_iteration.txt").write_text("3")
     plan = resolve_plan(

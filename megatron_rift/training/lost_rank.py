@@ -5,7 +5,7 @@ at most that long for a peer that hangs. A peer that dies is seen sooner where t
 notices a closed connection (gloo: at once, "Connection closed by peer"); NCCL waits for the
 timeout. Either way the surviving rank gets an exception in some collective, which does not say
 which rank is gone. :func:`lost_rank_error` asks: every surviving rank that reaches it writes its
-rank into the rendezvous store and waits a few seconds for the others; whoever did not answer is
+rank into the rendezvous store and waits up to 5 s for the others; whoever did not answer is
 named.
 """
 
@@ -17,6 +17,7 @@ import time
 import torch.distributed as dist
 
 ROLL_CALL_KEY = "megatron_rift/alive/"
+ROLL_CALL_WAIT_S = 5.0  # survivors notice within moments of each other; a dead rank never answers
 # Messages of a collective that lost its peer: gloo ("Connection closed by peer", "Timed out
 # waiting ..."), NCCL's watchdog, torch's store ("Broken pipe").
 COLLECTIVE_FAILURES = (
@@ -63,7 +64,7 @@ def silent_ranks(wait_s: float) -> list[int] | None:
 
 
 def lost_rank_error(error: BaseException, timeout_minutes: float, step: int) -> LostRankError:
-    wait_s = min(10.0, timeout_minutes * 60)
+    wait_s = min(ROLL_CALL_WAIT_S, timeout_minutes * 60)
     silent = silent_ranks(wait_s)
     if silent is None:
         who = "rank 0 (it also held the rendezvous store, which is unreachable)"

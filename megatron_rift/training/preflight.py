@@ -25,11 +25,9 @@ from megatron_rift.checkpoint_layout import (
     unreadable_reason,
 )
 from megatron_rift.data.errors import RolloutDataError
-from megatron_rift.data.format import REF_SUFFIX
-from megatron_rift.data.integrity import check_packed_dataset, check_reference_logprobs
+from megatron_rift.data.integrity import check_packed_dataset
 from megatron_rift.megatron_compat import installed_version
 from megatron_rift.model_source import (
-    SHAPE_FIELDS,
     ConfigError,
     check_architecture,
     check_parallel,
@@ -47,6 +45,7 @@ from megatron_rift.training.config import (
     ScheduleConfig,
     TrainConfig,
 )
+from megatron_rift.training.input_checks import check_model_source, check_reference_files
 from megatron_rift.training.layout import Layout, check_layout, check_model_layout
 from megatron_rift.training.moe_preflight import check_moe
 
@@ -229,52 +228,16 @@ def checked_start_point(ckpt: CheckpointConfig) -> tuple[str, str | None, int | 
             f"one, {iteration_dir_name(previous)} (--load-fallback previous)"
         )
         return start, start_dir, previous, note
-    hint = (
-        f" Pass --load-fallback previous to start from {iteration_dir_name(previous)}, the newest "
-        "complete checkpoint before it"
-        if previous is not None
-        else ""
-    )
-    if not hint:
+    if previous is not None:
+        hint = (
+            f" Pass --load-fallback previous to start from {iteration_dir_name(previous)}, the "
+            "newest complete checkpoint before it"
+        )
+    else:
         hint = " Restore that checkpoint, or point --load / --pretrained-checkpoint elsewhere"
     raise ConfigError(
         f"cannot load {folder} (named by {Path(start_dir) / TRACKER_FILE}): {problem}.{hint}"
     )
-
-
-def check_model_source(ckpt: CheckpointConfig, given: dict) -> None:
-    """A run that starts from no checkpoint must say so: ``--from-scratch`` or the shape flags
-    (an empty --load, a typo'd path in a job script, must not train a random model unnoticed)."""
-    missing = [f"--{name.replace('_', '-')}" for name in SHAPE_FIELDS if name not in given]
-    if not missing:
-        return
-    if ckpt.from_scratch:
-        fail(f"--from-scratch needs the new model's shape: {', '.join(missing)} missing")
-    where = (
-        f"--load {ckpt.load} holds no checkpoint (no {TRACKER_FILE})"
-        if ckpt.load
-        else "no --load checkpoint"
-    )
-    fail(
-        f"no model to start from: {where} and no --pretrained-checkpoint. Pass "
-        "--pretrained-checkpoint (a converted model), fix the --load path, or train from "
-        f"randomly initialized weights with --from-scratch and {', '.join(missing)}"
-    )
-
-
-def check_reference_files(
-    objective: Objective, settings: ObjectiveConfig, data_path: str, info: dict
-) -> None:
-    """Precomputed reference log-probs exist and belong to this dataset (data/integrity.py)."""
-    if not objective.reference or settings.reference != "precomputed":
-        return
-    path = settings.ref_logprobs or data_path + REF_SUFFIX
-    try:
-        check_reference_logprobs(
-            path, data_path, int(info["rollouts"]), need_kl=objective.unit is Unit.MISMATCHED
-        )
-    except RolloutDataError as err:
-        raise ConfigError(str(err)) from None
 
 
 def _schedule(
