@@ -42,6 +42,7 @@ HAND_MADE_GROUPS = [
     ([[5, 6, 7, 2]], [[5, 6, 1], [5, 6, 3]], [2]),  # a tie between positives
     ([[5, 6, 7, 2], [5, 3], [1]], [[5, 6, 7, 9]], [3, 1, 0]),  # several negatives
     ([[5, 6, 7, 2]], [], [0]),  # no positive: the whole response is pushed down
+    ([[5] * 40 + [1], [5] * 20 + [1]], [[5] * 40 + [2]], [40, 20]),  # longer than the head
 ]
 
 

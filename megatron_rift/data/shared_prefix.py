@@ -20,6 +20,7 @@ import numpy as np
 
 SHARED_PREFIX_SUFFIX = ".shared_prefix.npy"
 SHARED_PREFIX_DTYPE = np.dtype("<i4")
+HEAD_TOKENS = 32
 
 
 def longest_shared_prefix(negatives: list[np.ndarray], positives: list[np.ndarray]) -> np.ndarray:
@@ -35,9 +36,19 @@ def longest_shared_prefix(negatives: list[np.ndarray], positives: list[np.ndarra
         neg[row, : len(tokens)] = tokens
     for row, tokens in enumerate(positives):
         pos[row, : len(tokens)] = tokens
-    equal = neg[:, None, :] == pos[None, :, :]  # [n, p, width]
-    common = np.cumprod(equal, axis=-1, dtype=np.int8).sum(axis=-1, dtype=np.int64)
+    # Most negatives leave every positive early: compare a short head first, everything only
+    # when some pair agrees on all of it.
+    head = min(width, HEAD_TOKENS)
+    common = _common_prefix(neg[:, :head], pos[:, :head])
+    if head < width and (common == head).any():
+        common = _common_prefix(neg, pos)
     return common.max(axis=1)
+
+
+def _common_prefix(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """int64 [n, p]: common prefix length of every (negative, positive) row pair."""
+    equal = neg[:, None, :] == pos[None, :, :]  # [n, p, width]
+    return np.cumprod(equal, axis=-1, dtype=np.int8).sum(axis=-1, dtype=np.int64)
 
 
 def shared_prefix_lengths(
