@@ -91,3 +91,6 @@ class DemoConfig:
     sweep_lrs: tuple = SWEEP_LRS
     tensor_parallel: int = 1
     rounds: int = 1  # 2: iterative RIFT (paper appendix A.2)
+    # With `naive` among the methods: more runs of it at these lrs (and at RIFT's, if its own
+    # differs), to show where the unbounded loss collapses (their loss curves are in the plot).
+    naive_collapse_lrs: tuple = ()
