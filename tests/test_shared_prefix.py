@@ -203,3 +203,30 @@ def test_preflight_refuses_divergent_mode_on_a_dataset_packed_without_prefixes(p
         shutil.copy(prefix + suffix, str(tmp_path / "old") + suffix)
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert "shared_prefix" not in RewardDataset(str(tmp_path / "old"))[2]
+
+
+@pytest.mark.distributed
+def test_trainer_divergent_mode_is_token_mode_when_nothing_is_shared(tmp_path_factory):
+    """The shared tiny dataset has no negative that shares a prefix with a positive, so the
+    trainer's divergent run takes exactly the token-mode reference run's steps."""
+    from tests.workers.train_runs import (
+        prepared_assets,
+        read_metrics,
+        reference_run,
+        run_trainer,
+        tiny_rift_args,
+    )
+
+    base = tmp_path_factory.getbasetemp()
+    assets = prepared_assets(base)
+    with open(assets["data"] + ".json") as handle:
+        assert json.load(handle)["shared_prefix_tokens"] == 0
+    reference = reference_run(base)
+    run_dir = tmp_path_factory.mktemp("divergent_run")
+    metrics = run_dir / "metrics.jsonl"
+    args = [*tiny_rift_args(assets), "--negative-mode", "divergent", "--log-file", str(metrics)]
+    run_trainer(run_dir, 1, args)
+    divergent = read_metrics(metrics)
+    assert divergent.keys() == reference.keys() and len(divergent) > 1
+    for step, record in divergent.items():
+        assert record["loss"] == reference[step]["loss"], step
