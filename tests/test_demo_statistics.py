@@ -93,3 +93,34 @@ def test_evidence_preset_and_flags():
     assert cfg.naive_collapse_lrs == (1e-3,) and cfg.train_problems == 128
     with pytest.raises(SystemExit, match="--naive-collapse-lrs 'x'"):
         config_from_args(build_parser().parse_args(["--naive-collapse-lrs", "x"]))
+
+
+@pytest.mark.parametrize(
+    "peak, expected_extra",
+    [(3e-5, []), (1e-6, [1e-5 / 10**0.5, 1e-6]), (1e-2, [3e-4 * 10**0.5, 3e-3])],
+)
+def test_sweep_extends_past_the_grid_edge_when_the_best_rate_sits_on_it(
+    tmp_path, monkeypatch, peak, expected_extra
+):
+    """Validation scores peaked at ``peak`` (a stand-in for fine-tuning and scoring): the sweep
+    adds rates past the edge the best one sits on, up to sweep_extensions of them."""
+    import dataclasses
+    import math
+
+    from megatron_rift.demo.config import DemoConfig
+    from megatron_rift.demo.pipeline import DemoRun
+
+    cfg = dataclasses.replace(
+        DemoConfig(output_dir=str(tmp_path)), sweep_lrs=(1e-5, 3e-5, 1e-4, 3e-4), sweep_extensions=2
+    )
+    run = DemoRun(cfg, 0, tmp_path)
+    tried = []
+
+    def val_score(method, lr, data, base_ckpt, splits):
+        tried.append(lr)
+        return -abs(math.log10(lr) - math.log10(peak))
+
+    monkeypatch.setattr(run, "_val_score", val_score)
+    chosen = run._sweep({}, {"rollouts": tmp_path}, None, ["rift"])
+    assert tried[4:] == pytest.approx(expected_extra, rel=1e-3)
+    assert chosen["rift"] == pytest.approx(min(tried, key=lambda lr: abs(math.log10(lr / peak))))

@@ -41,9 +41,13 @@ def competence_report(stats: dict, seed: int) -> dict:
         warnings.append(_TOO_STRONG)
     if mixed < MIN_MIXED:
         warnings.append(_FEW_MIXED)
+    negatives = int(stats.get("negative", 0))
+    shared = int(stats.get("negatives_with_shared_prefix", 0))
     lines = [
         f"seed {seed}: the base got {100 * correct:.1f}% of its rollouts right; "
-        f"{100 * mixed:.1f}% of the problems are mixed (some right, some wrong)"
+        f"{100 * mixed:.1f}% of the problems are mixed (some right, some wrong); "
+        f"{shared} of {negatives} wrong rollouts share a prefix with a right one "
+        f"({int(stats.get('shared_prefix_tokens', 0))} tokens: what rift-divergent spares)"
     ]
     lines += [
         f"  WARNING: outside the band where a comparison means something "
@@ -55,6 +59,8 @@ def competence_report(stats: dict, seed: int) -> dict:
         "seed": seed,
         "correct_fraction": round(correct, 4),
         "mixed_fraction": round(mixed, 4),
+        "negatives_with_shared_prefix": shared,
+        "shared_prefix_tokens": int(stats.get("shared_prefix_tokens", 0)),
         "warnings": warnings,
         "message": "\n".join(lines),
     }

@@ -299,13 +299,18 @@ class DemoRun:
         for method in methods:
             if data[_source(method)] is None:
                 continue
-            scores = {}
-            for lr in self.cfg.sweep_lrs:
-                folder = self.dir / "sweep" / f"{method}_lr{lr:g}"
-                result = self._finetune_and_evaluate(
-                    method, lr, data, base_ckpt, splits, folder, eval_splits=("val",)
-                )
-                scores[lr] = result["average"]["mean_at_k"]
+            scores = {
+                lr: self._val_score(method, lr, data, base_ckpt, splits)
+                for lr in self.cfg.sweep_lrs
+            }
+            # A best rate at the grid's edge is extended past it (x or / sqrt(10)), so the chosen
+            # rate is bracketed; at most sweep_extensions more rates per method.
+            for _ in range(self.cfg.sweep_extensions):
+                best = max(scores, key=scores.get)
+                if min(scores) < best < max(scores) or len(scores) < 2:
+                    break
+                lr = best * 10**0.5 if best == max(scores) else best / 10**0.5
+                scores[lr] = self._val_score(method, lr, data, base_ckpt, splits)
             chosen[method] = max(scores, key=scores.get)
             (self.dir / "sweep").mkdir(exist_ok=True)
             with open(self.dir / "sweep" / "scores.jsonl", "a") as f:
@@ -316,6 +321,13 @@ class DemoRun:
                     + "\n"
                 )
         return chosen
+
+    def _val_score(self, method: str, lr: float, data, base_ckpt, splits) -> float:
+        folder = self.dir / "sweep" / f"{method}_lr{lr:g}"
+        result = self._finetune_and_evaluate(
+            method, lr, data, base_ckpt, splits, folder, eval_splits=("val",)
+        )
+        return result["average"]["mean_at_k"]
 
     def _second_round(self, splits, tok: Path, lr: float) -> dict:
         """Iterative RIFT (paper appendix A.2): new rollouts from the round-1 RIFT model, train again."""

@@ -38,6 +38,7 @@ PRESETS: dict[str, dict] = {
         finetune_epochs=2.0,
         sweep_lr=True,
         sweep_lrs=(1e-5, 3e-5, 1e-4, 3e-4),
+        sweep_extensions=2,  # issue item 3: a best rate on the grid's edge is bracketed
         # RIFT's lr is added by the demo; these show where naive collapses if it does not there.
         naive_collapse_lrs=(3e-4, 1e-3),
     ),
