@@ -27,10 +27,13 @@ def init_distributed(
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
     timeout_minutes: float = 10.0,
+    **layout,
 ) -> None:
     """Initialize torch.distributed (env:// as torchrun sets it) and Megatron's parallel state.
 
     A plain ``python`` launch works too: it becomes a world of one on a free local port.
+    ``layout``: more ``initialize_model_parallel`` keywords (context_parallel_size,
+    virtual_pipeline_model_parallel_size).
     """
     megatron_compat.check_supported()
     on_gpu = torch.cuda.is_available()
@@ -42,7 +45,10 @@ def init_distributed(
         _init_process_group("nccl" if on_gpu else "gloo", timeout_minutes)
     if not parallel_state.model_parallel_is_initialized():
         megatron_compat.initialize_model_parallel(
-            tensor_model_parallel_size, pipeline_model_parallel_size
+            tensor_model_parallel_size,
+            pipeline_model_parallel_size,
+            distributed_timeout_minutes=timeout_minutes,  # Megatron's groups get the same
+            **layout,
         )
     set_seed(seed)
 

@@ -62,7 +62,12 @@ def _packed_before_shared_prefixes(assets) -> str:
         shutil.copy(assets["data"] + suffix, old + suffix)
     with open(assets["data"] + ".json") as handle:
         info = json.load(handle)
-    info.pop("shared_prefix")
+    from megatron_rift.data.integrity import description_crc32
+
+    for key in ("shared_prefix", "negatives_with_shared_prefix", "shared_prefix_tokens"):
+        info.pop(key)
+    info["checksums"].pop(".shared_prefix.npy")
+    info["checksums"]["json"] = description_crc32(info)  # as the packer wrote it then
     with open(old + ".json", "w") as handle:
         json.dump(info, handle)
     return old
@@ -228,6 +233,8 @@ def test_preference_objectives_count_pairs_or_samples(assets):
     import numpy as np
 
     pairs = json.loads(open(assets["pairs"] + ".json").read())
+    # The preflight checks precomputed reference log-probs too; these datasets have none.
+    ONLINE_REFERENCE = ["--reference", "online", "--pretrained-checkpoint", assets["release"]]
     for objective in ("dpo", "simpo"):
         plan = resolve_plan(
             parse_args(
@@ -239,6 +246,7 @@ def test_preference_objectives_count_pairs_or_samples(assets):
                     "--global-batch-size",
                     "8",
                     *TINY_SHAPE,
+                    *ONLINE_REFERENCE,
                 ]
             ),
             world_size=1,
@@ -256,6 +264,7 @@ def test_preference_objectives_count_pairs_or_samples(assets):
                 "--global-batch-size",
                 "8",
                 *TINY_SHAPE,
+                *ONLINE_REFERENCE,
             ]
         ),
         world_size=1,

@@ -40,8 +40,11 @@ def stage_transformer_config(
     fp8_format: str | None = None,
     fp8_recipe: str = "delayed",
     variable_seq_lengths: bool = False,
+    layout: dict | None = None,
 ):
-    """Megatron's TransformerConfig for a run of this layout (``dtype`` one of :data:`DTYPES`)."""
+    """Megatron's TransformerConfig for a run of this layout (``dtype`` one of :data:`DTYPES`).
+    ``layout``: TransformerConfig fields of the layout and memory flags (sequence parallelism,
+    virtual pipeline stages, recompute; megatron_rift.training.layout.transformer_layout)."""
     overrides = dict(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
@@ -56,6 +59,7 @@ def stage_transformer_config(
         overrides.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
     if fp8_format is not None:
         overrides.update(fp8=fp8_format, fp8_recipe=fp8_recipe)
+    overrides.update(layout or {})
     return to_transformer_config(arch, DTYPES[dtype], loads_weights=loads_weights, **overrides)
 
 
