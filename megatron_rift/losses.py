@@ -31,6 +31,11 @@ unbounded below (theorem 3.2) and kept only for the ablation. Every RIFT term is
 - ``sequence``: eq. 5 read literally, ``-r * pi(y|x)`` with ``pi = prod_t p_t`` of the sample.
 - ``geometric``: ``-r * exp(mean_t log p_t)``, the per-token geometric mean probability.
 
+- ``divergent``: ``-r * p_t`` per token, except on the negative's *shared prefix*, the tokens
+  it shares with a positive rollout of its group before it diverges (computed at packing time,
+  megatron_rift/data/shared_prefix.py): those get no term, since right answers say them too.
+  They are still counted, so wherever no negative shares a prefix this is token mode exactly.
+
 Sequence modes are normalized like the token mode: a negative sample of n response tokens adds
 ``n * (-r * pi)`` to the loss sum and its n tokens to the count, so it weighs what its tokens would.
 ``token`` is the default because a whole response's probability is vanishingly small for any
@@ -96,6 +101,8 @@ class TokenView:
     positive: torch.Tensor  # mask & r > 0
     negative: torch.Tensor  # mask & r < 0
     segment_ids: torch.Tensor | None  # sample index within a packed row (None: a row is a sample)
+    # bool: a negative's tokens it shares with a positive of its group (None: not packed with it)
+    shared_prefix: torch.Tensor | None = None
 
 
 # A token objective's terms: (per-token loss terms [b, s], which tokens are counted [b, s] bool).
@@ -119,6 +126,8 @@ def naive_terms(v: TokenView, settings: LossSettings):
 
 
 def rift_terms(v: TokenView, settings: LossSettings):
+    if settings.negative_mode == "divergent":
+        return rift_divergent_terms(v, settings)
     if settings.negative_mode == "token":
         negative_terms = -v.r * v.p
     else:
@@ -131,6 +140,20 @@ def rift_terms(v: TokenView, settings: LossSettings):
     ), v.mask
 
 
+def rift_divergent_terms(v: TokenView, settings: LossSettings):
+    """RIFT with divergence-aware negatives: token mode, except that a negative's tokens inside
+    its shared prefix (what a right answer of its group also says) get no term. They stay counted,
+    so the normalization, and the loss wherever nothing is shared, are token mode's."""
+    if v.shared_prefix is None:
+        raise ValueError(
+            "negative_mode 'divergent' needs each rollout's shared prefix with the positives of "
+            "its group: re-pack the dataset with tools/pack_rollouts.py (batch['shared_prefix'])"
+        )
+    pushed_down = v.negative & ~v.shared_prefix.bool()
+    zero = torch.zeros_like(v.ce)
+    return torch.where(v.positive, v.r * v.ce, torch.where(pushed_down, -v.r * v.p, zero)), v.mask
+
+
 def token_loss(
     per_token_ce: torch.Tensor,
     loss_mask: torch.Tensor,
@@ -138,6 +161,7 @@ def token_loss(
     terms: TokenTerms,
     settings: LossSettings = LossSettings(),
     segment_ids: torch.Tensor | None = None,
+    shared_prefix: torch.Tensor | None = None,
 ):
     """Loss sum, counted tokens and metrics of one micro-batch under a token objective's ``terms``.
 
@@ -150,6 +174,8 @@ def token_loss(
         settings: ``negative_mode`` is read by :func:`rift_terms`.
         segment_ids: [b, s] sample index within each packed row; only the sequence negative modes
             need it, and only for packed rows (otherwise a row is one sample).
+        shared_prefix: [b, s] bool, a negative's tokens shared with a positive of its group (the
+            batch's ``shared_prefix``); only the ``divergent`` negative mode reads it.
 
     Returns:
         ``(loss_sum, num_tokens, metrics)``: 0-dim float tensor with grad, 0-dim int tensor, and a
@@ -162,7 +188,7 @@ def token_loss(
     r = r.unsqueeze(-1).expand_as(ce) if r.dim() == 1 else r
     positive, negative = mask & (r > 0), mask & (r < 0)
     p = torch.exp(-ce)  # ce >= 0, so p in (0, 1]: no overflow for any logit
-    view = TokenView(ce, p, r, mask, positive, negative, segment_ids)
+    view = TokenView(ce, p, r, mask, positive, negative, segment_ids, shared_prefix)
     values, counted = terms(view, settings)
     # torch.where, not a product: a masked-out position must not leak NaN/inf into the sum.
     loss_sum = torch.where(counted, values, torch.zeros_like(values)).sum()
@@ -184,6 +210,7 @@ def token_objective_loss(terms: TokenTerms):
             terms,
             settings,
             batch.get("segment_ids"),
+            batch.get("shared_prefix"),
         )
 
     loss.__doc__ = f"Token objective loss with :func:`{terms.__name__}`."
@@ -230,7 +257,9 @@ def _sequence_probability(ce, negative, mode, segment_ids):
     """Per-token broadcast of each negative sample's pi(y|x) (``sequence``) or its geometric mean
     token probability (``geometric``); sample = (row, segment)."""
     if mode not in ("sequence", "geometric"):
-        raise ValueError(f"unknown negative_mode {mode!r}; choose token, sequence or geometric")
+        raise ValueError(
+            f"unknown negative_mode {mode!r}; choose token, sequence, geometric or divergent"
+        )
     b, s = ce.shape
     rows = torch.arange(b, device=ce.device).unsqueeze(-1).expand(b, s)
     if segment_ids is None:

@@ -38,11 +38,13 @@ CHATS = [
 
 
 def dataset_files(prefix: str) -> list[str]:
-    """Every file of a packed dataset (the loss spans when it has them)."""
+    """Every file of a packed dataset (the loss spans and shared prefixes when it has them)."""
     files = list(output_paths(prefix).values())
     info = json.loads(Path(prefix + ".json").read_text())
     if info.get("loss_spans"):
         files.append(str(Path(prefix).parent / info["loss_spans"]))
+    if info.get("shared_prefix"):
+        files.append(prefix + ".shared_prefix.npy")
     return files
 
 
@@ -56,7 +58,15 @@ def to_version1(prefix: str, out_prefix: str) -> str:
         old[name] = side[name]
     np.save(out_prefix + ".rewards.npy", old)
     info = json.loads(Path(prefix + ".json").read_text())
-    for key in ("checksums", "loss_spans", "loss_tokens", "chat_template"):
+    for key in (
+        "checksums",
+        "loss_spans",
+        "loss_tokens",
+        "chat_template",
+        "shared_prefix",  # version 1 predates the shared prefixes too
+        "negatives_with_shared_prefix",
+        "shared_prefix_tokens",
+    ):
         info.pop(key, None)
     info["version"] = 1
     info["side_file_fields"] = list(SIDE_DTYPE_V1.names)

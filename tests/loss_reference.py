@@ -6,8 +6,12 @@ from __future__ import annotations
 import torch
 
 
-def reference_loss(logits, labels, loss_mask, rewards, objective, negative_mode="token"):
-    """Mean loss over counted tokens, computed sample by sample. logits [b, s, v] float64 is best."""
+def reference_loss(
+    logits, labels, loss_mask, rewards, objective, negative_mode="token", shared_prefix=None
+):
+    """Mean loss over counted tokens, computed sample by sample. logits [b, s, v] float64 is best.
+    ``shared_prefix`` [b] ints (``divergent`` mode): how many of a row's first response tokens a
+    negative shares with a positive of its group (no negative term there, still counted)."""
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [b, s]
     total = logits.new_zeros(())
@@ -41,6 +45,8 @@ def reference_loss(logits, labels, loss_mask, rewards, objective, negative_mode=
                     total = total - r * n * lp.sum().exp()
                 elif negative_mode == "geometric":
                     total = total - r * n * lp.mean().exp()
+                elif negative_mode == "divergent":
+                    total = total - r * lp[int(shared_prefix[i]) :].exp().sum()
                 else:
                     raise ValueError(negative_mode)
         else:

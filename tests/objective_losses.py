@@ -13,16 +13,31 @@ from megatron_rift.objectives import Unit, get_objective, objectives
 TOKEN_OBJECTIVES = tuple(o.name for o in objectives() if o.unit is Unit.ROLLOUT)
 PREFERENCE_OBJECTIVES = tuple(o.name for o in objectives() if o.unit is not Unit.ROLLOUT)
 REFERENCE_OBJECTIVES = tuple(o.name for o in objectives() if o.reference)
+
+
+def first_response_tokens(loss_mask: torch.Tensor, counts) -> torch.Tensor:
+    """bool [b, s]: the first ``counts[i]`` positions of row i where ``loss_mask`` is 1 (a
+    negative's shared prefix as the collate marks it, for one sample per row)."""
+    rank = torch.cumsum((loss_mask > 0).long(), dim=-1)
+    return (loss_mask > 0) & (rank <= torch.as_tensor(counts).view(-1, 1))
+
+
 DEFAULT_SETTINGS = LossSettings()  # frozen: safe as a default
 
 
 def token_batch(
-    loss_mask: torch.Tensor, rewards: torch.Tensor, segment_ids: torch.Tensor | None = None
+    loss_mask: torch.Tensor,
+    rewards: torch.Tensor,
+    segment_ids: torch.Tensor | None = None,
+    shared_prefix: torch.Tensor | None = None,
 ) -> dict:
-    """A token objective's batch: per-sample [b] or per-token [b, s] rewards."""
+    """A token objective's batch: per-sample [b] or per-token [b, s] rewards; ``shared_prefix``
+    the [b, s] bool mask of negatives' tokens shared with a positive (divergent mode)."""
     batch = {"loss_mask": loss_mask, "rewards": rewards}
     if segment_ids is not None:
         batch["segment_ids"] = segment_ids
+    if shared_prefix is not None:
+        batch["shared_prefix"] = shared_prefix
     return batch
 
 
@@ -60,11 +75,12 @@ def compute_loss(
     objective: str,
     negative_mode: str = "token",
     segment_ids: torch.Tensor | None = None,
+    shared_prefix: torch.Tensor | None = None,
 ):
     """``(loss_sum, num_tokens, metrics)`` of a token objective, through the registry."""
     return _token_loss(objective)(
         per_token_ce,
-        token_batch(loss_mask, rewards, segment_ids),
+        token_batch(loss_mask, rewards, segment_ids, shared_prefix),
         LossSettings(negative_mode=negative_mode),
     )
 

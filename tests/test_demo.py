@@ -80,7 +80,14 @@ def _check_scores(out, expected_methods):
             mean = 100 * sum(sum(v) / len(v) for v in by_problem.values()) / len(by_problem)
             assert score[f"mean@{K}"] == pytest.approx(mean, abs=0.01)
     table = (out / "results.md").read_text()
-    assert table.count("\n") == len(methods) + 2
+    assert table.split("\n\n")[0].count("\n") == len(methods) + 1
+    # One seed: the paired change from the base is the difference of the two Mean@K exactly.
+    assert "paired by seed and problem" in table
+    for method, splits in results["paired"].items():
+        for split, entry in splits.items():
+            change = methods[method][split][f"mean@{K}"] - methods["base"][split][f"mean@{K}"]
+            assert entry["vs_base"]["change"] == pytest.approx(change, abs=0.02)
+            assert entry["vs_base"]["low"] <= entry["vs_base"]["change"] <= entry["vs_base"]["high"]
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return results
 

@@ -14,6 +14,7 @@ from megatron_rift.objectives import Unit, get_objective, objective_names, objec
 from tests.objective_losses import (
     TOKEN_OBJECTIVES as OBJECTIVES,
     compute_loss,
+    first_response_tokens,
     objective_loss_func,
     preference_batch,
     token_batch,
@@ -32,7 +33,7 @@ def _ce(logits, labels):
 def test_loss_and_logit_gradient_match_reference_under_tp(tmp_path, tp):
     run_torchrun(WORKERS / "loss_parity_worker.py", nproc=tp, result_dir=tmp_path, timeout=240)
     for rank_result in read_rank_results(tmp_path, tp):
-        assert len(rank_result) == len(OBJECTIVES) + 2
+        assert len(rank_result) == len(OBJECTIVES) + 3
         for case, r in rank_result.items():
             assert abs(r["loss"] - r["ref"]) <= 1e-5 * max(1.0, abs(r["ref"])), (case, r)
             assert r["grad_max_abs"] > 0, case  # the comparison is not vacuous
@@ -126,6 +127,45 @@ def test_bad_objective_and_mode_are_named():
         compute_loss(ce, mask, r, "ppo")  # the registry path the trainer takes
     with pytest.raises(ValueError, match="unknown negative_mode 'log'"):
         compute_loss(ce, mask, r, "rift", "log")
+    with pytest.raises(ValueError, match="'divergent' needs .* re-pack"):
+        compute_loss(ce, mask, r, "rift", "divergent")  # a batch without shared prefixes
+
+
+def test_divergent_negatives_match_the_reference_and_token_mode_when_nothing_is_shared():
+    """Divergent mode against the plain-PyTorch reference (loss and logit gradient), with shared
+    prefixes of 0, some and all of a negative's tokens, and a shared mask on a positive row (which
+    must change nothing); with nothing shared it is token mode exactly."""
+    from tests.loss_reference import reference_loss
+
+    g = torch.Generator().manual_seed(4)
+    b, s, v = 5, 7, 13
+    logits = torch.randn(b, s, v, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, v, (b, s), generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]] * 3 + [[0, 1, 1, 1, 1, 0, 0]] * 2).float()
+    rewards = torch.tensor([-0.5, 1.0, -0.8, -0.2, -1.0])
+    for shared in ([2, 3, 0, 4, 1], [0, 0, 0, 0, 0], [5, 0, 5, 0, 0]):
+        shared_mask = first_response_tokens(mask, shared)
+        ref_logits = logits.clone().requires_grad_(True)
+        # The reference skips only negatives' shared tokens; row 1 is positive.
+        ref, ref_count = reference_loss(
+            ref_logits, labels, mask, rewards, "rift", "divergent", shared
+        )
+        ref.backward()
+        mine = logits.clone().requires_grad_(True)
+        loss_sum, n, _ = compute_loss(
+            _ce(mine, labels), mask, rewards, "rift", "divergent", shared_prefix=shared_mask
+        )
+        (loss_sum / n).backward()
+        assert n.item() == ref_count == int(mask.sum())  # shared tokens stay counted
+        assert (loss_sum / n).item() == pytest.approx(
+            ref.item(), rel=1e-6
+        )  # the loss works in float32
+        assert torch.allclose(mine.grad, ref_logits.grad, atol=1e-7)
+        token_sum, token_n, _ = compute_loss(_ce(logits, labels), mask, rewards, "rift", "token")
+        if not any(shared[i] for i in range(b) if rewards[i] < 0):
+            assert loss_sum.item() == token_sum.item() and n.item() == token_n.item()
+        else:
+            assert loss_sum.item() < token_sum.item()  # a shared prefix is pushed down less
 
 
 def _metrics_batch(objective):

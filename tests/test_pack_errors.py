@@ -150,6 +150,7 @@ def test_existing_prefix_needs_overwrite(tmp_path, tokenizers):
         "ds.idx",
         "ds.json",
         "ds.rewards.npy",
+        "ds.shared_prefix.npy",
     ]
     assert json.loads((out / "ds.json").read_text())["rollouts"] == 2
 

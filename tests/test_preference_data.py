@@ -139,7 +139,7 @@ def test_kl_partners_are_of_another_problem_and_need_two():
 
 def test_reference_logprobs_of_another_dataset_are_refused(data, tmp_path):
     prefix = str(tmp_path / "copy")
-    for suffix in (".bin", ".idx", ".rewards.npy", ".json"):
+    for suffix in (".bin", ".idx", ".rewards.npy", ".json", ".shared_prefix.npy"):
         shutil.copy(data["pairs"] + suffix, prefix + suffix)
     ds = RewardDataset(prefix)
     _write_reference(prefix, fingerprint="0" * 64)

@@ -29,7 +29,7 @@ def packed(tmp_path_factory):
 
 
 def copy_dataset(src: str, dst: str, skip=()):
-    for suffix in (".bin", ".idx", ".rewards.npy", ".json"):
+    for suffix in (".bin", ".idx", ".rewards.npy", ".json", ".shared_prefix.npy"):
         if suffix not in skip:
             shutil.copy(src + suffix, dst + suffix)
 
@@ -54,7 +54,7 @@ def test_items(packed):
     assert (ds.pad_id, ds.eos_id) == (sp.pad_id(), sp.eos_id())
 
 
-@pytest.mark.parametrize("missing", [".rewards.npy", ".json", ".idx"])
+@pytest.mark.parametrize("missing", [".rewards.npy", ".json", ".idx", ".shared_prefix.npy"])
 def test_missing_file(packed, missing):
     prefix = str(packed["root"] / f"missing{missing.replace('.', '_')}")
     copy_dataset(packed["full"], prefix, skip=(missing,))

@@ -53,6 +53,26 @@ def _te_and_gpu():
     return torch.cuda.is_available()
 
 
+def _packed_before_shared_prefixes(assets) -> str:
+    """A copy of the tiny dataset as packed before shared prefixes existed (no file, no key)."""
+    import shutil
+
+    old = assets["data"] + "_old"
+    for suffix in (".bin", ".idx", ".rewards.npy"):
+        shutil.copy(assets["data"] + suffix, old + suffix)
+    with open(assets["data"] + ".json") as handle:
+        info = json.load(handle)
+    from megatron_rift.data.integrity import description_crc32
+
+    for key in ("shared_prefix", "negatives_with_shared_prefix", "shared_prefix_tokens"):
+        info.pop(key)
+    info["checksums"].pop(".shared_prefix.npy")
+    info["checksums"]["json"] = description_crc32(info)  # as the packer wrote it then
+    with open(old + ".json", "w") as handle:
+        json.dump(info, handle)
+    return old
+
+
 def bad_configurations(assets):
     """(name, extra flags, text every rank must print); flags are added to a valid tiny run."""
     cases = [
@@ -104,6 +124,13 @@ def bad_configurations(assets):
             "the embedding has 128 rows",
         ),
     ]
+    cases.append(
+        (
+            "divergent_without_shared_prefixes",
+            ["--data-path", _packed_before_shared_prefixes(assets), "--negative-mode", "divergent"],
+            "--negative-mode divergent needs each negative rollout's shared prefix",
+        )
+    )
     if not _te_and_gpu():
         cases.append(
             (

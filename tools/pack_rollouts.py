@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     if args.pairs != "none":
         keys += ("num_pairs", "pairs_dropped")
     spans = ",loss_spans.npy" if summary["loss_spans"] else ""
-    print(f"wrote {args.output_prefix}.{{bin,idx,rewards.npy{spans},json}}")
+    print(f"wrote {args.output_prefix}.{{bin,idx,rewards.npy{spans},shared_prefix.npy,json}}")
     if summary["chat_template"]:
         chat = summary["chat_template"]
         print(f"  chat template sha256 {chat['sha256'][:12]}, end-of-turn {chat['end_of_turn']!r}")

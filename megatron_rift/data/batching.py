@@ -182,6 +182,9 @@ def collate_rollouts(
         segment_ids [b, s] int64: j = which of ``samples`` occupies the position; -1 on padding.
         sample_rewards [n] float32, sample_ids [n] int64 (``index`` or -1),
         sample_rows [n] / sample_offsets [n] int64: where sample j was placed.
+        shared_prefix [b, s] bool (only when every sample has ``shared_prefix``): True where
+            labels[:, t] is one of the first ``shared_prefix`` response tokens of its sample (what
+            a negative shares with a positive of its group; ``--negative-mode divergent``).
         rewards [b] float32: reward per row (unpacked only: a packed row has several).
         attention_mask [b, 1, s, s] bool (only if asked): True = masked out (Megatron's
             convention); position q sees k iff k <= q and both hold the same sample (padding
@@ -217,6 +220,8 @@ def collate_rollouts(
         batch["rewards"] = torch.from_numpy(_row_rewards(sample_rewards, rows))
     if attention_mask:
         batch["attention_mask"] = block_causal_attention_mask(batch["segment_ids"])
+    if samples and all("shared_prefix" in sample for sample in samples):
+        batch["shared_prefix"] = torch.from_numpy(_shared_prefix_mask(samples, places, loss_mask))
     return batch
 
 
@@ -292,6 +297,18 @@ def _row_rewards(sample_rewards: np.ndarray, rows: int) -> np.ndarray:
     rewards = np.zeros(rows, dtype=np.float32)
     rewards[: sample_rewards.size] = sample_rewards
     return rewards
+
+
+def _shared_prefix_mask(
+    samples: Sequence[dict], places: list[tuple[int, int]], loss_mask: np.ndarray
+) -> np.ndarray:
+    """bool [b, s]: the label positions of each sample's first ``shared_prefix`` response tokens
+    (the label at t is token t + 1, so token ``response_start`` is the label at its t - 1)."""
+    shared = np.zeros(loss_mask.shape, dtype=bool)
+    for sample, (row, offset) in zip(samples, places):
+        first = offset + int(sample["response_start"]) - 1
+        shared[row, first : first + int(sample["shared_prefix"])] = True
+    return shared & loss_mask
 
 
 def block_causal_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:

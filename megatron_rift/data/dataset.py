@@ -22,6 +22,7 @@ from megatron_rift.data.format import (
     SPAN_DTYPE,
     output_paths,
 )
+from megatron_rift.data.shared_prefix import SHARED_PREFIX_DTYPE, SHARED_PREFIX_SUFFIX
 
 
 class RewardDataset(torch.utils.data.Dataset):
@@ -35,7 +36,9 @@ class RewardDataset(torch.utils.data.Dataset):
       response_end)`` (the response with its EOS or end-of-turn) and, under
       ``--train-on all-assistant``, the earlier assistant turns; 0 elsewhere;
     * ``reward``: float, the training reward (after the packing reward scheme);
-    * ``group``: int, problem id; ``response_start``, ``response_end``: int; ``index``: int, = i.
+    * ``group``: int, problem id; ``response_start``, ``response_end``: int; ``index``: int, = i;
+    * ``shared_prefix``: int, the response tokens this rollout shares with a positive rollout of
+      its group (0 for positives; ``--negative-mode divergent``); only for datasets packed with it.
 
     Attributes: ``lengths`` (int32 [N], tokens per rollout), ``rewards`` (float32 [N]),
     ``groups`` (int32 [N]), ``response_ends`` (int32 [N]), ``loss_tokens`` (int64 [N], trained
@@ -72,6 +75,17 @@ class RewardDataset(torch.utils.data.Dataset):
                     "Re-run tools/pack_rollouts.py for this --output-prefix."
                 )
             self.spans = np.load(spans_path, mmap_mode="r")
+        # Per document, response tokens shared with a positive of its group (--negative-mode
+        # divergent); None for datasets packed before it existed.
+        self.shared_prefix = None
+        if self.info.get("shared_prefix"):
+            path = self.prefix + SHARED_PREFIX_SUFFIX  # this prefix's, also in a renamed copy
+            if not os.path.isfile(path):
+                raise RolloutDataError(
+                    f"packed dataset {self.prefix} is incomplete: missing {path}. "
+                    "Re-run tools/pack_rollouts.py for this --output-prefix."
+                )
+            self.shared_prefix = np.load(path, mmap_mode="r")
         self._check(paths)
         tokenizer = self.info["tokenizer"]
         self.pad_id, self.eos_id = int(tokenizer["pad_id"]), int(tokenizer["eos_id"])
@@ -113,6 +127,19 @@ class RewardDataset(torch.utils.data.Dataset):
                 raise RolloutDataError(
                     f"{self.info['loss_spans']} does not belong to {paths['.idx']} (spans out of "
                     "order or outside the prompts of their documents). Re-pack."
+                )
+
+        if self.shared_prefix is not None:
+            shared = self.shared_prefix
+            if (
+                shared.dtype != SHARED_PREFIX_DTYPE
+                or shared.shape != (len(self),)
+                or np.any(shared < 0)
+                or np.any(shared > end - start)
+            ):
+                raise RolloutDataError(
+                    f"{self.prefix}{SHARED_PREFIX_SUFFIX} does not belong to {paths['.idx']} (not one "
+                    "shared prefix per document within its response). Re-pack."
                 )
 
     @property
@@ -160,7 +187,7 @@ class RewardDataset(torch.utils.data.Dataset):
             first, stop = np.searchsorted(self.spans["document"], (index, index + 1))
             for span in self.spans[first:stop]:
                 loss_mask[span["start"] : span["end"]] = 1
-        return {
+        item = {
             "tokens": tokens,
             "loss_mask": loss_mask,
             "reward": float(row["reward"]),
@@ -169,6 +196,9 @@ class RewardDataset(torch.utils.data.Dataset):
             "response_end": end,
             "index": index,
         }
+        if self.shared_prefix is not None:
+            item["shared_prefix"] = int(self.shared_prefix[index])
+        return item
 
 
 SEQ_LENGTH_MULTIPLE = 16  # FP8 GEMMs want token counts divisible by 16

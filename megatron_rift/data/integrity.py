@@ -37,6 +37,7 @@ from megatron_rift.data.format import (
     TOKEN_DTYPE,
     output_paths,
 )
+from megatron_rift.data.shared_prefix import SHARED_PREFIX_DTYPE, SHARED_PREFIX_SUFFIX
 
 READABLE_VERSIONS = {1: SIDE_DTYPE_V1, 2: SIDE_DTYPE}
 CHECKSUMS_KEY = "checksums"  # in PREFIX.json: {suffix: crc32, ..., "json": crc32 of the rest}
@@ -138,13 +139,17 @@ def description_crc32(info: dict) -> int:
     return zlib.crc32(json.dumps(rest, sort_keys=True).encode())
 
 
-def record_checksums(prefix: str, info: dict, spans_path: str | None) -> dict:
+def record_checksums(
+    prefix: str, info: dict, spans_path: str | None, shared_prefix_path: str | None = None
+) -> dict:
     """The ``"checksums"`` entry the packer writes into ``info`` (files under their final names'
     suffixes; ``prefix`` may be a temporary location)."""
     paths = output_paths(prefix)
     sums = {suffix: file_crc32(paths[suffix]) for suffix in (".bin", ".idx", ".rewards.npy")}
     if spans_path is not None:
         sums[LOSS_SPANS_SUFFIX] = file_crc32(spans_path)
+    if shared_prefix_path is not None:
+        sums[SHARED_PREFIX_SUFFIX] = file_crc32(shared_prefix_path)
     sums["json"] = description_crc32(info)
     return sums
 
@@ -314,7 +319,27 @@ def check_packed_dataset(prefix: str) -> dict:
             )
         spans = _check_spans(spans_path, rows, np.asarray(side["response_start"]), checksums)
     _check_counts(paths[".json"], info, index, side, spans)
+    if info.get("shared_prefix"):
+        _check_shared_prefix(str(prefix) + SHARED_PREFIX_SUFFIX, index, side, checksums)
     return info
+
+
+def _check_shared_prefix(path: str, index: IndexView, side, checksums: dict | None) -> None:
+    """The negatives' shared prefixes (``--negative-mode divergent``): one int32 per document,
+    within its response."""
+    if not os.path.isfile(path):
+        raise RolloutDataError(f"packed dataset: missing {path} (named by its .json). {REPACK}")
+    dtype, shape, _ = read_npy_header(path)
+    if dtype != SHARED_PREFIX_DTYPE or shape != (len(index.lengths),):
+        raise _bad(
+            path, f"dtype {dtype}, shape {shape}; expected {SHARED_PREFIX_DTYPE} per rollout"
+        )
+    _check_crc(path, checksums, SHARED_PREFIX_SUFFIX)
+    shared = np.load(path, mmap_mode="r")
+    ends = side["response_end"] if "response_end" in side.dtype.names else index.lengths
+    room = np.asarray(ends, dtype=np.int64) - np.asarray(side["response_start"], dtype=np.int64)
+    if np.any(shared < 0) or np.any(shared > room):
+        raise _bad(path, "a shared prefix outside its rollout's response")
 
 
 def dataset_fingerprint(prefix: str) -> str:

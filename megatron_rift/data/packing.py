@@ -56,6 +56,7 @@ from megatron_rift.data.rollout_reader import (
     expand_inputs,
     iter_documents,
 )
+from megatron_rift.data.shared_prefix import SHARED_PREFIX_SUFFIX, shared_prefix_lengths
 from megatron_rift.data.tokenizer import RolloutTokenizer, load_tokenizer
 
 OVERLONG_MODES = ("error", "drop", "truncate")
@@ -247,12 +248,15 @@ def pack_rollouts(config: PackConfig) -> dict:
         tmp = {**output_paths(os.path.join(tmp_dir, "data")), "data": os.path.join(tmp_dir, "data")}
         summary = _pack_into(config, tokenizer, tmp)
         spans = config.output_prefix + LOSS_SPANS_SUFFIX
+        final_shared_prefix = config.output_prefix + SHARED_PREFIX_SUFFIX
         for suffix in OUTPUT_SUFFIXES:  # the .json last: it marks a complete dataset
-            if suffix == ".json":  # the loss spans before it; none left from an older dataset
+            # The loss spans and shared prefixes before it; no loss spans left from an older one.
+            if suffix == ".json":
                 if summary["loss_spans"]:
                     os.replace(tmp["data"] + LOSS_SPANS_SUFFIX, spans)
                 elif os.path.exists(spans):
                     os.remove(spans)
+                os.replace(tmp["data"] + SHARED_PREFIX_SUFFIX, final_shared_prefix)
             os.replace(tmp[suffix], final[suffix])
         published = True
     finally:
@@ -260,6 +264,31 @@ def pack_rollouts(config: PackConfig) -> dict:
         if created_dir and not published and not any(out_dir.iterdir()):
             out_dir.rmdir()
     return summary
+
+
+def _write_shared_prefix(
+    paths: dict[str, str], side: np.ndarray, lengths: np.ndarray, name: str
+) -> dict:
+    """``data.shared_prefix.npy`` (megatron_rift/data/shared_prefix.py) from the written ``.bin``;
+    returns what ``PREFIX.json`` records about it."""
+    offsets = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    tokens = np.memmap(paths[".bin"], dtype=TOKEN_DTYPE, mode="r")
+    shared = shared_prefix_lengths(
+        tokens,
+        offsets,
+        side["response_start"],
+        side["response_end"],
+        side["group"],
+        side["outcome"],
+    )
+    del tokens
+    np.save(paths["data"] + SHARED_PREFIX_SUFFIX, shared)
+    return {
+        "shared_prefix": name,  # the file, next to the prefix (like loss_spans)
+        "negatives_with_shared_prefix": int(np.count_nonzero(shared)),
+        "shared_prefix_tokens": int(shared.sum(dtype=np.int64)),
+    }
 
 
 def _pack_into(config: PackConfig, tokenizer: RolloutTokenizer, paths: dict[str, str]) -> dict:
@@ -340,10 +369,14 @@ def _pack_into(config: PackConfig, tokenizer: RolloutTokenizer, paths: dict[str,
     readback = IndexedDataset(os.path.join(os.path.dirname(paths[".bin"]), "data"), mmap=True)
     if len(readback) != written.size:
         raise RuntimeError(f"wrote {written.size} rollouts but the .idx holds {len(readback)}")
+    shared_prefix_name = Path(config.output_prefix).name + SHARED_PREFIX_SUFFIX
+    summary.update(_write_shared_prefix(paths, side, readback.sequence_lengths, shared_prefix_name))
     del readback
     # crc32 of every file and of this description: a damaged copy is refused, not trained on.
     spans_file = paths["data"] + LOSS_SPANS_SUFFIX if loss_spans else None
-    summary[CHECKSUMS_KEY] = record_checksums(paths["data"], summary, spans_file)
+    summary[CHECKSUMS_KEY] = record_checksums(
+        paths["data"], summary, spans_file, paths["data"] + SHARED_PREFIX_SUFFIX
+    )
     with open(paths[".json"], "w") as handle:
         json.dump(summary, handle, indent=2)
         handle.write("\n")

@@ -16,9 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_rift.demo.config import DEFAULT_METHODS, METHODS, DemoConfig
+from megatron_rift.demo.config import DEFAULT_METHODS, DemoConfig
+from megatron_rift.demo.methods import TABLE6, method_names
+from megatron_rift.demo.presets import PRESETS, RUN_KEYS
 from megatron_rift.megatron_compat import quiet_known_messages
-from megatron_rift.objectives import RFT, RIFT
+from megatron_rift.objectives import RFT, RIFT, objective_names
+
+METHODS = method_names()
 
 # `--miniature`: the whole pipeline in about a minute on 2 cores (a smoke test, e.g. in CI).
 MINIATURE = dict(
@@ -55,7 +59,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for every stage's artifacts (default: a fresh demo_runs/<timestamp>)",
     )
     p.add_argument(
-        "--seeds", type=int, default=1, help="repeat with seeds 0..N-1; report mean ± std"
+        "--seeds",
+        type=int,
+        default=None,
+        help="repeat with seeds 0..N-1; report mean ± std and paired 95%% intervals "
+        "(default 1; the evidence preset 3)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default=None,
+        help="a named configuration (megatron_rift/demo/presets.py); 'evidence': the long run "
+        "for RIFT against RFT with intervals (hours on 2 cores); explicit flags override it",
+    )
+    p.add_argument(
+        "--table6",
+        action="store_true",
+        help="add the paper's table 6 ablation: RIFT with constant negative rewards -0.5 and "
+        "-0.8 (rift itself: -0.2) and with gaussian and gpg-mean group normalization",
+    )
+    p.add_argument(
+        "--naive-collapse-lrs",
+        default=None,
+        help="with naive among the methods: comma-separated extra lrs to run it at (and at "
+        "RIFT's lr), to show where it collapses",
     )
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument(
@@ -68,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default=None,
-        help=f"comma-separated subset of {', '.join(METHODS)}, or 'all' (default: "
+        help=f"comma-separated subset of {', '.join(METHODS)}, or 'all' (every objective; "
+        "default: "
         f"{','.join(DEFAULT_METHODS)}; with --miniature {','.join(MINIATURE_METHODS)})",
     )
     p.add_argument(
@@ -78,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sweep-lrs",
-        default=",".join(f"{lr:g}" for lr in d.sweep_lrs),
-        help="comma-separated learning rates that --sweep-lr tries",
+        default=None,
+        help="comma-separated learning rates that --sweep-lr tries (default "
+        f"{','.join(f'{lr:g}' for lr in d.sweep_lrs)})",
     )
     p.add_argument(
         "--rounds",
@@ -127,29 +156,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_lrs(text: str) -> tuple[float, ...]:
+def _parse_lrs(text: str, flag: str = "--sweep-lrs") -> tuple[float, ...]:
     try:
         lrs = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise SystemExit(
-            f"megatron-rift demo: --sweep-lrs {text!r} is not a comma-separated list "
+            f"megatron-rift demo: {flag} {text!r} is not a comma-separated list "
             "of numbers (e.g. 3e-5,1e-4,3e-4)"
         ) from None
     if not lrs or any(not lr > 0 for lr in lrs):
-        raise SystemExit(
-            f"megatron-rift demo: --sweep-lrs {text!r}: give one or more positive rates"
-        )
+        raise SystemExit(f"megatron-rift demo: {flag} {text!r}: give one or more positive rates")
     return lrs
 
 
 def config_from_args(args) -> DemoConfig:
     out = args.output_dir or f"demo_runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    text = args.methods or ",".join(MINIATURE_METHODS if args.miniature else DEFAULT_METHODS)
+    preset = PRESETS[args.preset] if args.preset else {}
+    default_methods = preset.get("methods", DEFAULT_METHODS)
+    text = args.methods or ",".join(MINIATURE_METHODS if args.miniature else default_methods)
     methods = (
-        tuple(METHODS)
+        objective_names()  # every objective; the RIFT variants by name, --table6 or a preset
         if text.strip() == "all"
         else tuple(m.strip() for m in text.split(",") if m.strip())
     )
+    if args.table6:
+        methods += tuple(m for m in TABLE6 if m not in methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(
@@ -160,12 +191,18 @@ def config_from_args(args) -> DemoConfig:
         seed=args.seed,
         problems_file=args.problems,
         methods=methods,
-        sweep_lr=args.sweep_lr,
-        sweep_lrs=_parse_lrs(args.sweep_lrs),
         rounds=args.rounds,
         tensor_parallel=args.tensor_model_parallel_size,
         samples_per_problem=args.samples_per_problem,
     )
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in RUN_KEYS})
+    if args.sweep_lrs is not None:
+        cfg = dataclasses.replace(cfg, sweep_lrs=_parse_lrs(args.sweep_lrs))
+    if args.sweep_lr:
+        cfg = dataclasses.replace(cfg, sweep_lr=True)
+    if args.naive_collapse_lrs is not None:
+        lrs = _parse_lrs(args.naive_collapse_lrs, "--naive-collapse-lrs")
+        cfg = dataclasses.replace(cfg, naive_collapse_lrs=lrs)
     if args.miniature:
         cfg = dataclasses.replace(cfg, **MINIATURE)
     overrides = {
@@ -179,9 +216,15 @@ def config_from_args(args) -> DemoConfig:
         **{
             k: v
             for k, v in overrides.items()
-            if k not in ("problems_file", "sweep_lr", "sweep_lrs", "rounds")
+            if k not in ("problems_file", "sweep_lr", "sweep_lrs", "rounds", "naive_collapse_lrs")
         },
     )
+
+
+def num_seeds(args) -> int:
+    if args.seeds is not None:
+        return args.seeds
+    return PRESETS[args.preset].get("seeds", 1) if args.preset else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megatron-rift demo: {error}", file=sys.stderr)
             return 2
     from megatron_rift.demo.pipeline import DemoRun
-    from megatron_rift.demo.report import aggregate, markdown, plot, write_results
+    from megatron_rift.demo.report import write_reports
     from megatron_rift.demo.stages import StageError
 
     out = Path(cfg.output_dir)
@@ -208,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     per_seed = []
     try:
-        for seed in range(cfg.seed, cfg.seed + args.seeds):
+        for seed in range(cfg.seed, cfg.seed + num_seeds(args)):
             per_seed.append(DemoRun(cfg, seed, out / f"seed{seed}").run())
             # Each seed's own record, so seeds run as separate jobs can be aggregated later.
             (out / f"seed{seed}" / "run.json").write_text(json.dumps(per_seed[-1], indent=1) + "\n")
@@ -216,21 +259,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megatron-rift demo: {error}", file=sys.stderr)
         return 1
     k = cfg.samples_per_problem
-    summary = aggregate(per_seed, k)
-    table = markdown(summary, k, len(per_seed))
-    (out / "results.md").write_text(table + "\n")
-    write_results(out, summary, per_seed, dataclasses.asdict(cfg), k)
-    png = plot(out, summary, k, out / f"seed{cfg.seed}")
-    print(
-        f"\nMean@{k} / Pass@{k} (%), {len(per_seed)} seed(s), "
-        f"{time.perf_counter() - start:.0f} s:\n\n{table}\n"
-    )
-    stats = per_seed[0]["data"]
-    print(
-        f"rollouts from the base (seed {cfg.seed}): {stats.get('rollouts')} "
-        f"({100 * stats.get('positive_fraction', 0):.1f}% correct), mixed problems "
-        f"{100 * stats.get('mixed_fraction', 0):.1f}%"
-    )
+    elapsed = time.perf_counter() - start
+    table, png = write_reports(out, per_seed, dataclasses.asdict(cfg), k, elapsed)
+    print(f"\nMean@{k} / Pass@{k} (%), {len(per_seed)} seed(s), {elapsed:.0f} s:\n\n{table}\n")
+    for run in per_seed:
+        c = run["competence"]
+        print(
+            f"base (seed {c['seed']}): {100 * c['correct_fraction']:.1f}% of rollouts right, "
+            f"{100 * c['mixed_fraction']:.1f}% of problems mixed"
+            + ("  (outside the band: see the warning above)" if c["warnings"] else "")
+        )
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}" + (f", {png}" if png else ""))
     print(json.dumps({"lrs": per_seed[0]["lrs"]}))
     return 0

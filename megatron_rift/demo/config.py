@@ -89,5 +89,9 @@ class DemoConfig:
     methods: tuple = DEFAULT_METHODS
     sweep_lr: bool = False
     sweep_lrs: tuple = SWEEP_LRS
+    sweep_extensions: int = 0  # rates tried past the grid's edge when the best sits on it
     tensor_parallel: int = 1
     rounds: int = 1  # 2: iterative RIFT (paper appendix A.2)
+    # With `naive` among the methods: more runs of it at these lrs (and at RIFT's, if its own
+    # differs), to show where the unbounded loss collapses (their loss curves are in the plot).
+    naive_collapse_lrs: tuple = ()

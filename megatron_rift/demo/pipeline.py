@@ -20,18 +20,25 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from megatron_rift.demo import stages
-from megatron_rift.demo.config import DemoConfig, training_data
+from megatron_rift.demo.competence import competence_report
+from megatron_rift.demo.config import DEFAULT_METHOD_LR, DemoConfig
+from megatron_rift.demo.methods import DemoMethod, demo_method, naive_at
 from megatron_rift.demo.task import Problem, generate_splits, load_problems_file, task_texts
 from megatron_rift.demo.tokenizer import train_demo_tokenizer
-from megatron_rift.evaluation import evaluate_files, results_dict
-from megatron_rift.objectives import RIFT, SFT, get_objective
+from megatron_rift.evaluation import evaluate_files, read_outcomes, results_dict
+from megatron_rift.objectives import NAIVE, RIFT, SFT
 
 EVAL_SPLITS = ("test", "ood")
 
 
 def _source(method: str) -> str:
-    """The demo dataset a method (an objective's name) trains on."""
-    return training_data(get_objective(method))
+    """The demo dataset a method (an objective's or a variant's name) trains on."""
+    return demo_method(method).dataset()
+
+
+def method_lr(lrs: dict, method: DemoMethod) -> float:
+    """A method's lr: its own, else its objective's (variants), else the demo's default."""
+    return lrs.get(method.name, lrs.get(method.objective, DEFAULT_METHOD_LR))
 
 
 def build_splits(cfg: DemoConfig, seed: int) -> dict[str, list[Problem]]:
@@ -86,9 +93,15 @@ def evaluate_model(
             path = out / f"{split}.jsonl"
             stages.sample(hf_dir, splits[split], cfg, path, seed=seed + 1000, show_progress=False)
             paths.append(path)
-    return results_dict(
+    result = results_dict(
         evaluate_files(paths, k=cfg.samples_per_problem), cfg.samples_per_problem, method
     )
+    # Each problem's share of correct samples, for the paired statistics (demo/statistics.py).
+    result["per_problem"] = {
+        split: {key: sum(samples) / len(samples) for key, samples in problems.items()}
+        for split, problems in read_outcomes(paths).items()
+    }
+    return result
 
 
 class DemoRun:
@@ -111,6 +124,7 @@ class DemoRun:
         cfg, d = self.cfg, self.dir
         methods = list(cfg.methods)
         total = 4 + len(methods) + (1 if cfg.sweep_lr else 0) + (1 if cfg.rounds > 1 else 0)
+        total += len(cfg.naive_collapse_lrs) + 1 if NAIVE.name in methods else 0
         with tqdm(total=total, unit="stage", dynamic_ncols=True) as bar:
             self._stage(bar, "task + tokenizer")
             splits = build_splits(cfg, self.seed)
@@ -146,9 +160,11 @@ class DemoRun:
             rollouts = d / "rollouts" / "train.jsonl"
             stages.sample(base_hf, splits["train"], cfg, rollouts, seed=self.seed)
             data = self._pack_post_training(splits, rollouts, tok)
-            for name in sorted({_source(m) for m in methods if get_objective(m).reference}):
+            for name in sorted({_source(m) for m in methods if demo_method(m).spec.reference}):
                 if data.get(name) is not None:  # the base scores them once (DPO/KTO reference)
                     stages.compute_ref_logprobs(base_ckpt, data[name], cfg, d / "base")
+            self.competence = competence_report(self.data_stats, self.seed)
+            tqdm.write(self.competence["message"])
             self._done(bar, "rollouts")
 
             self._stage(bar, "evaluate base")
@@ -171,16 +187,33 @@ class DemoRun:
                     self.skipped[method] = "the base produced no correct rollout to train on"
                 else:
                     results[method] = self._finetune_and_evaluate(
-                        method, lrs[method], data, base_ckpt, splits, d / "methods" / method
+                        method,
+                        method_lr(lrs, demo_method(method)),
+                        data,
+                        base_ckpt,
+                        splits,
+                        d / "methods" / method,
                     )
                 self._done(bar, method)
 
+            for variant, lr in self._collapse_runs(lrs, data):
+                self._stage(bar, variant.name)
+                results[variant.name] = self._finetune_and_evaluate(
+                    variant, lr, data, base_ckpt, splits, d / "methods" / variant.name
+                )
+                self._done(bar, variant.name)
+
             if cfg.rounds > 1 and RIFT.name in methods:
                 self._stage(bar, f"{RIFT.name} round 2")
-                results[f"{RIFT.name} (round 2)"] = self._second_round(splits, tok, lrs[RIFT.name])
+                results[f"{RIFT.name} (round 2)"] = self._second_round(
+                    splits, tok, method_lr(lrs, demo_method(RIFT.name))
+                )
                 self._done(bar, f"{RIFT.name} round 2")
+        per_problem = {m: r.pop("per_problem") for m, r in results.items() if "per_problem" in r}
         return {
             "results": results,
+            "per_problem": per_problem,
+            "competence": {k: v for k, v in self.competence.items() if k != "message"},
             "lrs": lrs,
             "data": self.data_stats,
             "timings_s": self.timings,
@@ -209,27 +242,53 @@ class DemoRun:
             stages.pack([trainable], data["positives"], tok, cfg, keep="positive")
         else:
             data["positives"] = None  # RFT has nothing to train on: recorded, not an error
+        for method in map(demo_method, cfg.methods):  # the table-6 variants' own rewards
+            name = method.dataset()
+            if name not in data:
+                data[name] = d / "data" / name
+                stages.pack(
+                    [trainable],
+                    data[name],
+                    tok,
+                    cfg,
+                    reward_scheme=method.reward_scheme,
+                    negative_reward=method.negative_reward,
+                )
         return data
+
+    def _collapse_runs(self, lrs: dict, data: dict) -> list[tuple[DemoMethod, float]]:
+        """The naive loss at RIFT's lr (when its own differs) and at ``naive_collapse_lrs``: where
+        it collapses, for the plot's loss curves."""
+        if NAIVE.name not in self.cfg.methods or data.get("rollouts") is None:
+            return []
+        own = method_lr(lrs, demo_method(NAIVE.name))
+        wanted = [method_lr(lrs, demo_method(RIFT.name)), *self.cfg.naive_collapse_lrs]
+        runs: list[tuple[DemoMethod, float]] = []
+        for lr in wanted:
+            if lr != own and all(lr != other for _, other in runs):
+                runs.append((naive_at(lr), lr))
+        return runs
 
     def _finetune_and_evaluate(
         self, method, lr, data, start_ckpt, splits, folder: Path, eval_splits=EVAL_SPLITS
     ) -> dict:
-        source, objective = _source(method), method
+        spec = method if isinstance(method, DemoMethod) else demo_method(method)
         ckpt = folder / "ckpt"
         stages.train(
             self.cfg,
-            data[source],
+            data[spec.dataset()],
             ckpt,
-            objective,
+            spec.objective,
             lr,
             self.cfg.finetune_epochs,
             self.cfg.finetune_global_batch,
             folder,
             pretrained=start_ckpt,
+            negative_mode=spec.negative_mode,
         )
         hf = stages.export_hf(ckpt, folder / "hf", folder)
         result = evaluate_model(
-            hf, splits, eval_splits, self.cfg, folder / "eval", method, self.seed
+            hf, splits, eval_splits, self.cfg, folder / "eval", spec.name, self.seed
         )
         result["lr"] = lr
         return result
@@ -240,13 +299,18 @@ class DemoRun:
         for method in methods:
             if data[_source(method)] is None:
                 continue
-            scores = {}
-            for lr in self.cfg.sweep_lrs:
-                folder = self.dir / "sweep" / f"{method}_lr{lr:g}"
-                result = self._finetune_and_evaluate(
-                    method, lr, data, base_ckpt, splits, folder, eval_splits=("val",)
-                )
-                scores[lr] = result["average"]["mean_at_k"]
+            scores = {
+                lr: self._val_score(method, lr, data, base_ckpt, splits)
+                for lr in self.cfg.sweep_lrs
+            }
+            # A best rate at the grid's edge is extended past it (x or / sqrt(10)), so the chosen
+            # rate is bracketed; at most sweep_extensions more rates per method.
+            for _ in range(self.cfg.sweep_extensions):
+                best = max(scores, key=scores.get)
+                if min(scores) < best < max(scores) or len(scores) < 2:
+                    break
+                lr = best * 10**0.5 if best == max(scores) else best / 10**0.5
+                scores[lr] = self._val_score(method, lr, data, base_ckpt, splits)
             chosen[method] = max(scores, key=scores.get)
             (self.dir / "sweep").mkdir(exist_ok=True)
             with open(self.dir / "sweep" / "scores.jsonl", "a") as f:
@@ -257,6 +321,13 @@ class DemoRun:
                     + "\n"
                 )
         return chosen
+
+    def _val_score(self, method: str, lr: float, data, base_ckpt, splits) -> float:
+        folder = self.dir / "sweep" / f"{method}_lr{lr:g}"
+        result = self._finetune_and_evaluate(
+            method, lr, data, base_ckpt, splits, folder, eval_splits=("val",)
+        )
+        return result["average"]["mean_at_k"]
 
     def _second_round(self, splits, tok: Path, lr: float) -> dict:
         """Iterative RIFT (paper appendix A.2): new rollouts from the round-1 RIFT model, train again."""

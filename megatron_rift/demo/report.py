@@ -6,6 +6,8 @@ import json
 import statistics
 from pathlib import Path
 
+from megatron_rift.demo.statistics import comparisons
+
 SPLIT_LABELS = {"test": "ID test", "ood": "OOD"}
 
 
@@ -85,12 +87,44 @@ def markdown(summary: dict, k: int, num_seeds: int) -> str:
     return "\n".join(lines)
 
 
-def write_results(out_dir: Path, summary: dict, per_seed: list[dict], config: dict, k: int) -> Path:
+def paired_markdown(paired: dict, k: int, references: tuple[str, ...] = ("base", "rft")) -> str:
+    """Each method's Mean@k change from each reference, paired by seed and problem, with its 95%
+    bootstrap interval; an interval containing 0 reads "tie"."""
+    splits = [s for s in SPLIT_LABELS if any(s in v for v in paired.values())]
+    columns = [(s, r) for s in splits for r in references]
+    head = " | ".join(f"{SPLIT_LABELS[s]} Mean@{k} − {r}" for s, r in columns)
+    lines = [f"| method | {head} |", "|---|" + "---:|" * len(columns)]
+    for method, per_split in paired.items():
+        cells = []
+        for split, reference in columns:
+            c = per_split.get(split, {}).get(f"vs_{reference}")
+            cells.append(
+                "-"
+                if c is None
+                else f"{c['change']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}] {c['verdict']}"
+            )
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(
+    out_dir: Path,
+    summary: dict,
+    per_seed: list[dict],
+    config: dict,
+    k: int,
+    paired: dict | None = None,
+    wall_s: float | None = None,
+) -> Path:
     path = out_dir / "results.json"
     payload = {
         "k": k,
         "seeds": len(per_seed),
         "methods": summary,
+        # method - base and method - rft, paired by seed and problem, 95% bootstrap intervals.
+        "paired": paired or {},
+        "competence": [run.get("competence") for run in per_seed],
+        "wall_s": None if wall_s is None else round(wall_s, 1),
         "config": config,
         "per_seed": [
             {key: run[key] for key in ("lrs", "data", "timings_s", "skipped")} for run in per_seed
@@ -161,3 +195,24 @@ def plot(out_dir: Path, summary: dict, k: int, seed_dir: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def write_reports(
+    out_dir: Path, per_seed: list[dict], config: dict, k: int, wall_s: float | None = None
+) -> tuple[str, Path | None]:
+    """``results.md`` (the table, then the paired differences), ``results.json`` and
+    ``results.png`` from the seeds' run records (each seed's ``run.json``, so seeds run as separate
+    jobs can be reported together). Returns the markdown and the plot's path."""
+    summary = aggregate(per_seed, k)
+    paired = comparisons(per_seed, ("base", "rft"), tuple(SPLIT_LABELS))
+    table = markdown(summary, k, len(per_seed))
+    if paired:
+        table += (
+            f"\n\nMean@{k} change (points), paired by seed and problem, with its 95% bootstrap "
+            "interval over problems; an interval containing 0 is a tie:\n\n"
+            + paired_markdown(paired, k)
+        )
+    (out_dir / "results.md").write_text(table + "\n")
+    write_results(out_dir, summary, per_seed, config, k, paired, wall_s)
+    first_seed = out_dir / f"seed{config.get('seed', 0)}"
+    return table, plot(out_dir, summary, k, first_seed)

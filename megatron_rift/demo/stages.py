@@ -92,7 +92,13 @@ def write_sft_records(problems: list[Problem], path: Path, style: str) -> Path:
 
 
 def pack(
-    inputs: list[Path], prefix: Path, tokenizer_dir: Path, cfg: DemoConfig, keep: str = "all"
+    inputs: list[Path],
+    prefix: Path,
+    tokenizer_dir: Path,
+    cfg: DemoConfig,
+    keep: str = "all",
+    reward_scheme: str = "constant",
+    negative_reward: float | None = None,
 ) -> dict:
     from megatron_rift.data.packing import PackConfig, pack_rollouts
 
@@ -104,9 +110,9 @@ def pack(
             tokenizer=str(tokenizer_dir),
             max_seq_length=cfg.seq_length,
             overlong="truncate",
-            reward_scheme="constant",
+            reward_scheme=reward_scheme,
             positive_reward=cfg.positive_reward,
-            negative_reward=cfg.negative_reward,
+            negative_reward=cfg.negative_reward if negative_reward is None else negative_reward,
             keep=keep,
             overwrite=True,
             seed=cfg.seed,
@@ -149,13 +155,14 @@ def train_config(
     log_dir: Path,
     pretrained: Path | None = None,
     seed: int | None = None,
+    negative_mode: str = "token",
 ) -> TrainConfig:
     """The trainer's configuration for one demo run: the paper's recipe scaled down (AdamW,
     cosine to lr/10, 5% warmup, no weight decay, gradient clip 1)."""
     global_batch, micro_batch = fit_batch(data_prefix, global_batch, cfg.micro_batch_size)
     return TrainConfig(
         data=DataConfig(data_path=str(data_prefix), seq_length=cfg.seq_length),
-        objective=ObjectiveConfig(name=objective),
+        objective=ObjectiveConfig(name=objective, negative_mode=negative_mode),
         parallel=ParallelConfig(tensor_model_parallel_size=cfg.tensor_parallel),
         schedule=ScheduleConfig(
             micro_batch_size=micro_batch,
@@ -202,10 +209,21 @@ def train(
     log_dir: Path,
     pretrained: Path | None = None,
     seed: int | None = None,
+    negative_mode: str = "token",
 ) -> Path:
     """Run the trainer; returns its metrics.jsonl. From scratch when ``pretrained`` is None."""
     config = train_config(
-        cfg, data_prefix, save, objective, lr, epochs, global_batch, log_dir, pretrained, seed
+        cfg,
+        data_prefix,
+        save,
+        objective,
+        lr,
+        epochs,
+        global_batch,
+        log_dir,
+        pretrained,
+        seed,
+        negative_mode,
     )
     config_file = save_config(config, log_dir / "train_config.json")
     cmd = _launcher(cfg) + ["-m", "megatron_rift.train", "--config", str(config_file)]

@@ -41,7 +41,15 @@ def causal_mask(local_len: int, cp_group, device) -> torch.Tensor:
 
 
 # The batch entries with one value per token, [rows, seq]: what context parallelism splits.
-PER_TOKEN_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids", "rewards")
+PER_TOKEN_KEYS = (
+    "tokens",
+    "labels",
+    "loss_mask",
+    "position_ids",
+    "segment_ids",
+    "rewards",
+    "shared_prefix",  # --negative-mode divergent: per token, split like the loss mask
+)
 
 
 def split_for_context_parallel(batch: dict) -> dict:

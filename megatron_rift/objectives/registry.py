@@ -11,7 +11,7 @@ from megatron_rift.objectives.spec import Objective, Unit
 _REGISTRY: dict[str, Objective] = {}
 
 # How RIFT scores a negative sample (megatron_rift.losses.rift_terms).
-NEGATIVE_MODES = ("token", "sequence", "geometric")
+NEGATIVE_MODES = ("token", "sequence", "geometric", "divergent")
 # Where a reference objective's log pi_ref comes from.
 REFERENCE_MODES = ("precomputed", "online")
 
@@ -51,12 +51,24 @@ def objectives() -> tuple[Objective, ...]:
     return tuple(_REGISTRY.values())
 
 
-def _needs_positive_rollouts(objective: Objective, info: dict) -> str | None:
+def _needs_positive_rollouts(objective: Objective, info: dict, settings) -> str | None:
     if int(info.get("positive", 1)) == 0:
         return (
             f"--objective {objective.name} trains on positive rollouts only, and the dataset "
             "has none (PREFIX.json: positive = 0); use a dataset with correct rollouts or "
             "another objective"
+        )
+    return None
+
+
+def _divergent_needs_shared_prefixes(objective: Objective, info: dict, settings) -> str | None:
+    if getattr(settings, "negative_mode", None) == "divergent" and not info.get("shared_prefix"):
+        return (
+            f"--objective {objective.name} --negative-mode divergent needs each negative "
+            "rollout's shared prefix with the positive rollouts of its group, and this dataset "
+            "has none (its PREFIX.json names no 'shared_prefix' file: it was packed before "
+            "tools/pack_rollouts.py computed them); re-pack the rollouts, or use another "
+            "--negative-mode"
         )
     return None
 
@@ -113,6 +125,7 @@ RIFT = register(
         "megatron_rift.losses:rift_loss",
         2e-6,
         metrics=_TOKEN_METRICS,
+        rules=(_divergent_needs_shared_prefixes,),
         in_demo=True,
     )
 )

@@ -29,9 +29,10 @@ class Unit(str, enum.Enum):
         return 1 if self is Unit.ROLLOUT else 2
 
 
-# A preflight rule: ``rule(objective, dataset_info)`` returns a message (what is wrong and what to
-# do) or None. ``dataset_info`` is the packed dataset's PREFIX.json.
-PreflightRule = Callable[["Objective", dict], "str | None"]
+# A preflight rule: ``rule(objective, dataset_info, settings)`` returns a message (what is wrong and
+# what to do) or None. ``dataset_info`` is the packed dataset's PREFIX.json, ``settings`` the run's
+# objective flags (``training.config.ObjectiveConfig``: ``negative_mode``, ``beta``, ...).
+PreflightRule = Callable[["Objective", dict, object], "str | None"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -95,7 +95,8 @@ class ObjectiveConfig:
         "token",
         "how RIFT scores negative samples: per token p_t "
         "(default, paper's practical form), whole-sequence probability, "
-        "or geometric mean",
+        "or geometric mean; divergent: per token, from where the rollout leaves "
+        "every positive rollout of its group",
         choices=NEGATIVE_MODES,
     )
     beta: float | None = flag(

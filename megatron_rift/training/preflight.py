@@ -313,7 +313,7 @@ def check_objective(objective: Objective, settings: ObjectiveConfig, info: dict)
     if settings.kto_desirable_weight < 0 or settings.kto_undesirable_weight < 0:
         fail("--kto-desirable-weight and --kto-undesirable-weight must be >= 0")
     for rule in objective.rules:
-        message = rule(objective, info)
+        message = rule(objective, info, settings)
         if message:
             fail(message)
 

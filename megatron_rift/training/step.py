@@ -60,6 +60,8 @@ def _flatten_for_thd(batch: dict) -> dict:
     flat = dict(batch)
     for key in ("tokens", "labels", "position_ids", "loss_mask", "rewards", "segment_ids"):
         flat[key] = batch[key].reshape(1, -1)
+    if "shared_prefix" in batch:  # --negative-mode divergent's per-token mask
+        flat["shared_prefix"] = batch["shared_prefix"].reshape(1, -1)
     return flat
 
 

@@ -7,10 +7,18 @@ from megatron.core import parallel_state, tensor_parallel
 
 from megatron_rift.parallel import destroy_distributed, init_distributed
 from tests.loss_reference import reference_loss
-from tests.objective_losses import TOKEN_OBJECTIVES as OBJECTIVES, compute_loss
+from tests.objective_losses import (
+    TOKEN_OBJECTIVES as OBJECTIVES,
+    compute_loss,
+    first_response_tokens,
+)
 from tests.torchrun_utils import world_size_from_env_or_1, write_rank_result
 
-CASES = [(o, "token") for o in OBJECTIVES] + [("rift", "sequence"), ("rift", "geometric")]
+CASES = [(o, "token") for o in OBJECTIVES] + [
+    ("rift", "sequence"),
+    ("rift", "geometric"),
+    ("rift", "divergent"),
+]
 
 
 def main():
@@ -23,10 +31,12 @@ def main():
     labels = torch.randint(0, v, (b, s), generator=g)
     loss_mask = (torch.rand(b, s, generator=g) > 0.3).float()
     rewards = torch.tensor([1.0, -0.2, 0.0, -3.0])
+    shared = [0, 2, 1, 3]  # divergent mode: each row's shared response tokens (negatives: 1, 3)
+    shared_mask = first_response_tokens(loss_mask, shared)
     results = {}
     for objective, mode in CASES:
         ref_logits = logits_full.double().clone().requires_grad_(True)
-        ref, _ = reference_loss(ref_logits, labels, loss_mask, rewards, objective, mode)
+        ref, _ = reference_loss(ref_logits, labels, loss_mask, rewards, objective, mode, shared)
         ref.backward()
         shard = v // tp
         local = logits_full[..., rank * shard : (rank + 1) * shard].clone().requires_grad_(True)
@@ -35,7 +45,7 @@ def main():
             local.transpose(0, 1).contiguous(), labels.transpose(0, 1).contiguous()
         )
         loss_sum, num_tokens, _ = compute_loss(
-            ce.transpose(0, 1), loss_mask, rewards, objective, mode
+            ce.transpose(0, 1), loss_mask, rewards, objective, mode, shared_prefix=shared_mask
         )
         loss = loss_sum / num_tokens.clamp(min=1)
         loss.backward()
