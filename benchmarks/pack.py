@@ -1,6 +1,7 @@
 """Benchmark tools/pack_rollouts: rollouts per second and peak memory.
 
-Synthetic rollouts (64-token prompts, 256-token responses, 8 per problem) are written as JSONL and
+Synthetic rollouts (64-token prompts, 256-token responses, 8 per problem sharing its prompt;
+``--distinct-prompts``: a prompt per rollout) are written as JSONL and
 packed with a word-level HF tokenizer built on the fly (one token per word), with 1 and 2 worker
 processes; the same at a quarter of the size shows whether peak memory depends on input size.
 The chat case: 3-turn conversations in ``messages`` (a 16-word system prompt, then three
@@ -37,6 +38,7 @@ CHILD = """
 import json, sys, time, warnings
 warnings.filterwarnings("ignore")
 import megatron.core.datasets.indexed_dataset  # import cost is not packing cost
+import transformers.models.auto.tokenization_auto  # (load_tokenizer imports it: ~1-2 s)
 from megatron_rift.data import PackConfig, pack_rollouts
 import resource
 args = json.loads(sys.argv[1])
@@ -53,22 +55,32 @@ print(json.dumps({"seconds": elapsed, "cpu_seconds": cpu_seconds, "rollouts": su
 """
 
 
-def write_rollouts(path: Path, count: int, prompt_len: int, response_len: int, seed: int = 0):
+def write_rollouts(
+    path: Path,
+    count: int,
+    prompt_len: int,
+    response_len: int,
+    seed: int = 0,
+    shared_prompts: bool = True,
+):
+    """``count`` rollouts, 8 per problem; with ``shared_prompts`` the 8 share their problem's
+    prompt (as sampled rollouts do), otherwise every rollout has a prompt of its own."""
     rng = np.random.default_rng(seed)
     words = np.array(VOCAB_WORDS)
     with open(path, "w") as handle:
-        for start in range(0, count, 4096):
+        for start in range(0, count, 4096):  # a multiple of 8: problems never straddle blocks
             n = min(4096, count - start)
             ids = rng.integers(0, len(words), size=(n, prompt_len + response_len))
             correct = rng.random(n) < 0.5
             for j in range(n):
                 row = words[ids[j]]
                 problem = (start + j) // 8
+                prompt_row = words[ids[j - j % 8]] if shared_prompts else row
                 handle.write(
                     json.dumps(
                         {
                             "prompt_id": problem,
-                            "prompt": " ".join(row[:prompt_len]),
+                            "prompt": " ".join(prompt_row[:prompt_len]),
                             "response": " ".join(row[prompt_len:]),
                             "correct": bool(correct[j]),
                         }
@@ -161,6 +173,12 @@ def main() -> None:
         "--chat-sizes", type=int, nargs="*", default=[50_000], help="3-turn conversations"
     )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--distinct-prompts",
+        action="store_true",
+        help="give every rollout a prompt of its own (default: the 8 rollouts of a problem share "
+        "it, as sampled rollouts do; the figures before 2026-12-07 used distinct prompts)",
+    )
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--response-tokens", type=int, default=256)
     parser.add_argument(
@@ -197,7 +215,13 @@ def main() -> None:
             if chat:
                 write_conversations(data, size)
             else:
-                write_rollouts(data, size, args.prompt_tokens, args.response_tokens)
+                write_rollouts(
+                    data,
+                    size,
+                    args.prompt_tokens,
+                    args.response_tokens,
+                    shared_prompts=not args.distinct_prompts,
+                )
             runs = [(w, False) for w in args.workers] + [(1, True)] * (
                 args.rust_threads and not chat
             )

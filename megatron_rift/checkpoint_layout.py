@@ -16,6 +16,8 @@ import importlib.metadata
 import json
 from pathlib import Path
 
+from packaging.version import InvalidVersion, Version
+
 from megatron_rift.megatron_compat import COMMON_STATE_EMBEDDED_SINCE, installed_version
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -99,3 +101,52 @@ def unreadable_reason(folder: str | Path) -> str | None:
         f"--python 3.12), or convert / save it again under megatron-core {installed} "
         "(checkpoints are forward-compatible only, docs/training.md)"
     )
+
+
+def saved_files(folder: str | Path) -> dict[str, int] | None:
+    """{file name: size} the save recorded in :data:`WRITER_FILE`, or None (an older writer)."""
+    try:
+        files = json.loads((Path(folder) / WRITER_FILE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return files if isinstance(files, dict) else None
+
+
+def incomplete_reason(folder: str | Path) -> str | None:
+    """What is missing or cut short in a dist_checkpointing iteration folder, or None.
+
+    Checks the files the save recorded (name and size, see :func:`saved_files`), the
+    ``.metadata`` and, for writers before megatron-core 0.19, the separate common state. Reads no
+    tensor data (a checkpoint can be hundreds of GB)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"{folder} does not exist"
+    recorded = saved_files(folder)
+    for name, size in (recorded or {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} is {path.stat().st_size} bytes, the save wrote {size} (truncated)"
+    if not (folder / ".metadata").is_file():
+        return f"{folder / '.metadata'} is missing (an interrupted save or an incomplete copy)"
+    try:
+        before_embedded = Version(written_by(folder) or "0.19") < COMMON_STATE_EMBEDDED_SINCE
+    except InvalidVersion:
+        before_embedded = False
+    if before_embedded and not (folder / COMMON_STATE_FILE).is_file():
+        return f"{folder / COMMON_STATE_FILE} (the common state) is missing"
+    return None
+
+
+def previous_complete(root: str | Path, before: int) -> int | None:
+    """The newest iteration below ``before`` whose folder in ``root`` is complete, or None."""
+    iterations = []
+    for path in Path(root).glob("iter_*"):
+        suffix = path.name[len("iter_") :]
+        if path.is_dir() and suffix.isdigit() and int(suffix) < before:
+            iterations.append(int(suffix))
+    for iteration in sorted(iterations, reverse=True):
+        if incomplete_reason(Path(root) / iteration_dir_name(iteration)) is None:
+            return iteration
+    return None

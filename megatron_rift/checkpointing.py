@@ -19,13 +19,16 @@ point leaves the previous checkpoint and tracker intact.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_rift import megatron_compat
 from megatron_rift.checkpoint_layout import (  # noqa: F401  (re-exported)
@@ -109,10 +112,16 @@ def save_checkpoint(
             shutil.rmtree(tmp)  # left by a save that crashed
         tmp.mkdir()
     barrier()
-    megatron_compat.save_distributed(sharded_state_dict, str(tmp))
-    if global_rank() == 0:  # which versions wrote it: the format differs between them
-        (tmp / WRITER_FILE).write_text(json.dumps(writer_record(), indent=2) + "\n")
-    barrier()
+    try:
+        megatron_compat.save_distributed(sharded_state_dict, str(tmp))
+        if global_rank() == 0:  # all ranks' writes are gathered by now: record what they wrote
+            _write_record(tmp)
+        failure = None
+    # Megatron raises a writer's failure on every rank, as torch's CheckpointException (a
+    # BaseException) or whatever the failing call raised.
+    except (Exception, CheckpointException) as err:
+        failure = err
+    _give_up_on_failure(failure, root, tmp, iteration)
     if before_publish is not None:
         before_publish(tmp)
     if global_rank() == 0:
@@ -122,6 +131,70 @@ def save_checkpoint(
             _prune(root, keep_last, keep=final.name)
     barrier()
     return final
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save that failed on some rank; the partial folder is removed, the tracker unchanged."""
+
+
+def _write_record(tmp: Path) -> None:
+    """Which versions wrote the folder (the format differs between them) and every file with its
+    size, so a missing or truncated file is found before loading (checkpoint_layout)."""
+    record = writer_record()
+    record["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / WRITER_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def describe_save_failure(error: BaseException) -> str:
+    """One line for a failed save: "no space left on device (PATH)" when a full disk is anywhere
+    in the exception chain (Megatron wraps a writer's OSError twice), else the error itself."""
+    seen, stack = set(), [error]
+    while stack:
+        err = stack.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return f"no space left on device ({err.filename or 'writing the checkpoint'})"
+        # Exceptions gathered from other ranks arrive pickled, without their causes: the text.
+        found = re.search(r"No space left on device(?:: '([^']*)')?", str(err))
+        if found:
+            return f"no space left on device ({found.group(1) or 'writing the checkpoint'})"
+        stack += [err.__cause__, err.__context__]
+        for failure in getattr(
+            err, "failures", {}
+        ).values():  # CheckpointException: rank -> (exc, tb)
+            stack.append(failure[0] if isinstance(failure, tuple) else failure)
+    return f"{type(error).__name__}: {error}"
+
+
+def _give_up_on_failure(failure, root: Path, tmp: Path, iteration) -> None:
+    """Every rank learns whether any rank failed (and why); on failure rank 0 removes the partial
+    folder and every rank raises CheckpointSaveError, so no rank waits in a later collective."""
+    mine = None if failure is None else describe_save_failure(failure)
+    reasons = [mine]
+    if dist.is_initialized():
+        reasons = [None] * dist.get_world_size()
+        dist.all_gather_object(reasons, mine)
+    failed = [(rank, reason) for rank, reason in enumerate(reasons) if reason is not None]
+    if not failed:
+        return
+    # The most telling reason: a full disk, else the first rank's.
+    rank, reason = next((f for f in failed if f[1].startswith("no space")), failed[0])
+    if global_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    kept = read_tracker(root)
+    kept_text = (
+        f"{root / TRACKER_FILE} still names {iteration_dir_name(kept)}, which is intact"
+        if kept is not None
+        else "there is no earlier checkpoint"
+    )
+    raise CheckpointSaveError(
+        f"saving checkpoint {iteration_dir_name(iteration)} under {root} failed on rank {rank}: "
+        f"{reason}. The partial save {tmp} was removed; {kept_text}. Free space (or choose "
+        "another --save) and restart with the same --load to resume from the last checkpoint"
+    ) from failure
 
 
 def _prune(root: Path, keep_last: int, keep: str) -> None:
@@ -149,14 +222,25 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def model_state_keys(num_chunks: int) -> list[str]:
+    """Megatron-LM's entries: ``model`` for one chunk, ``model0``, ``model1``, ... for virtual
+    pipeline chunks. The sharded keys inside carry global layer numbers, so a checkpoint loads
+    at any number of chunks."""
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
 def model_sharded_state_dict(model_chunks) -> dict:
-    """``{"model": ...}`` for one model chunk (virtual pipeline chunks are not supported yet)."""
+    """``{"model": ...}`` for one model chunk, ``{"model0": ..., "model1": ...}`` for several."""
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-    if len(chunks) != 1:
-        raise NotImplementedError(
-            "virtual pipeline parallelism (several model chunks) is not supported"
-        )
-    return {"model": unwrap_model(chunks[0]).sharded_state_dict()}
+    keys = model_state_keys(len(chunks))
+    return {key: unwrap_model(chunk).sharded_state_dict() for key, chunk in zip(keys, chunks)}
+
+
+def load_model_state(model_chunks, loaded: dict) -> None:
+    """Put the model entries of a loaded :func:`model_sharded_state_dict` into the chunks."""
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    for key, chunk in zip(model_state_keys(len(chunks)), chunks):
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
 
 
 def load_model_weights(ckpt_root_or_dir: str | Path, model_chunks) -> Path:
@@ -168,5 +252,5 @@ def load_model_weights(ckpt_root_or_dir: str | Path, model_chunks) -> Path:
         raise FileNotFoundError(f"no checkpoint in {path}")
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     loaded = load_checkpoint(folder, model_sharded_state_dict(chunks))
-    unwrap_model(chunks[0]).load_state_dict(loaded["model"], strict=True)
+    load_model_state(chunks, loaded)
     return folder

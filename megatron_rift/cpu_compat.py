@@ -47,6 +47,8 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if "device" in kwargs:
             kwargs["device"] = _cpu_if_cuda(kwargs["device"])
+        if kwargs.get("pin_memory"):  # e.g. the rotary embedding's CP slice index
+            kwargs["pin_memory"] = False
         name = getattr(func, "__name__", "")
         if name == "cuda" and args and isinstance(args[0], torch.Tensor):
             return args[0]
@@ -61,7 +63,35 @@ class _CudaToCpuMode(TorchFunctionMode):
                 args = (args[0], target.replace(".cuda.", ".", 1)) + tuple(args[2:])
         if name in ("pin_memory",) and args and isinstance(args[0], torch.Tensor):
             return args[0]
+        if func is torch.autograd.backward:
+            return _backward_under_mode(self, func, args, kwargs)
+        if func is torch.Tensor.backward:
+            return _backward_under_mode(self, _tensor_backward, args, kwargs)
         return func(*args, **kwargs)
+
+
+def _tensor_backward(tensor, gradient=None, retain_graph=None, create_graph=False, inputs=None):
+    """``Tensor.backward`` by way of ``torch.autograd.backward`` (which it calls itself)."""
+    torch.autograd.backward(tensor, gradient, retain_graph, create_graph, inputs=inputs)
+
+
+def _backward_under_mode(mode: TorchFunctionMode, func, args, kwargs):
+    """Run ``torch.autograd.backward`` with the remap on.
+
+    torch 2.13's ``autograd.backward`` dispatches to function modes, whose handler runs with the
+    mode popped; but the backward of Megatron's sequence-parallel linear layers allocates on
+    ``torch.cuda.current_device()`` (tensor_parallel/layers.py), so the engine must run under the
+    remap. The mode is pushed back and the dispatch check skipped for this one call.
+    """
+    import torch.autograd as autograd
+
+    dispatch_check = autograd.has_torch_function
+    autograd.has_torch_function = lambda *_: False
+    try:
+        with mode:
+            return func(*args, **kwargs)
+    finally:
+        autograd.has_torch_function = dispatch_check
 
 
 def _noop(*_args, **_kwargs):
@@ -130,6 +160,9 @@ def _patch_torch_cuda() -> None:
     # on CPU the CPU generator plays that role.
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # Activation recompute (tensor_parallel.checkpoint) reads it through the submodule.
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.random.set_rng_state = cuda.set_rng_state
     # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the generator directly.
     cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(int(seed))

@@ -197,6 +197,35 @@ rift_loss = token_objective_loss(rift_terms)
 naive_loss = token_objective_loss(naive_terms)
 
 
+def context_parallel_group():
+    """Megatron's context-parallel group when CP > 1, else None: each rank then holds 2 of the
+    2·CP chunks of every sequence, and a per-sample sum over its tokens is a partial sum."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_context_parallel_group()
+
+
+def sum_over_context_parallel(values: torch.Tensor) -> torch.Tensor:
+    """Per-sample partial sums summed over the CP ranks (unchanged without CP).
+
+    Differentiable: the backward all-reduces the gradient too, so each rank's partial sum gets the
+    gradient that all ranks' uses of the total give it (each rank's loss uses the total)."""
+    group = context_parallel_group()
+    if group is None:
+        return values
+    if values.requires_grad:
+        import torch.distributed.nn.functional as differentiable
+
+        return differentiable.all_reduce(values, group=group)
+    values = values.clone()
+    dist.all_reduce(values, group=group)
+    return values
+
+
 def _sequence_probability(ce, negative, mode, segment_ids):
     """Per-token broadcast of each negative sample's pi(y|x) (``sequence``) or its geometric mean
     token probability (``geometric``); sample = (row, segment)."""
@@ -215,11 +244,12 @@ def _sequence_probability(ce, negative, mode, segment_ids):
     log_prob = torch.zeros(num_samples, dtype=ce.dtype, device=ce.device).index_add(
         0, sample.reshape(-1), -neg_ce.reshape(-1)
     )
+    log_prob = sum_over_context_parallel(log_prob)
     if mode == "geometric":
         count = torch.zeros(num_samples, dtype=ce.dtype, device=ce.device).index_add(
             0, sample.reshape(-1), negative.reshape(-1).to(ce.dtype)
         )
-        log_prob = log_prob / count.clamp(min=1)
+        log_prob = log_prob / sum_over_context_parallel(count).clamp(min=1)
     return torch.exp(log_prob)[sample]
 
 
@@ -251,7 +281,10 @@ def sequence_logprobs(
     zeros = torch.zeros(num_samples + 1, dtype=ce.dtype, device=ce.device)
     logp = zeros.index_add(0, slot.reshape(-1), torch.where(counted, -ce, 0.0).reshape(-1))
     count = zeros.index_add(0, slot.reshape(-1), counted.reshape(-1).to(ce.dtype))
-    return logp[:num_samples], count[:num_samples]
+    # Under context parallelism this rank holds part of each sample's tokens.
+    return sum_over_context_parallel(logp[:num_samples]), sum_over_context_parallel(
+        count[:num_samples]
+    )
 
 
 @dataclasses.dataclass

@@ -29,11 +29,14 @@ def init_distributed(
     timeout_minutes: float = 10.0,
     expert_model_parallel_size: int = 1,
     expert_tensor_parallel_size: int | None = None,
+    **layout,
 ) -> None:
     """Initialize torch.distributed (env:// as torchrun sets it) and Megatron's parallel state
     (with ``expert_model_parallel_size`` ranks sharing a layer's experts, for MoE models).
 
     A plain ``python`` launch works too: it becomes a world of one on a free local port.
+    ``layout``: more ``initialize_model_parallel`` keywords (context_parallel_size,
+    virtual_pipeline_model_parallel_size).
     """
     megatron_compat.check_supported()
     on_gpu = torch.cuda.is_available()
@@ -47,8 +50,10 @@ def init_distributed(
         megatron_compat.initialize_model_parallel(
             tensor_model_parallel_size,
             pipeline_model_parallel_size,
+            distributed_timeout_minutes=timeout_minutes,  # Megatron's groups get the same
             expert_model_parallel_size=expert_model_parallel_size,
             expert_tensor_parallel_size=expert_tensor_parallel_size,
+            **layout,
         )
     set_seed(seed)
 

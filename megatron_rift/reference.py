@@ -39,6 +39,7 @@ from megatron_rift.data.preference import (
 )
 from megatron_rift.losses import sequence_logprobs
 from megatron_rift.model import GPTArchitecture
+from megatron_rift.model.context_parallel import split_for_context_parallel
 from megatron_rift.model.stage import build_frozen_model, resolve_use_te, stage_transformer_config
 
 DOCUMENT, KL = 0, 1
@@ -78,11 +79,14 @@ class _Scorer:
 
 def _forward_step_factory():
     on_gpu = torch.cuda.is_available()
+    context_parallel = parallel_state.get_context_parallel_world_size() > 1
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         if on_gpu:
             batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+        if context_parallel:  # each CP rank scores its chunks; sequence_logprobs sums them
+            batch = split_for_context_parallel(batch)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
 
         def loss_func(per_token_ce, non_loss_data=False):
@@ -122,6 +126,7 @@ def compute_reference_logprobs(
         parallel_state.get_pipeline_model_parallel_world_size(),
         dtype,
         loads_weights=True,
+        layout=dict(context_parallel_size=parallel_state.get_context_parallel_world_size()),
     )
     model = build_frozen_model(
         arch,
@@ -137,6 +142,7 @@ def compute_reference_logprobs(
     contribute = (
         parallel_state.is_pipeline_last_stage()
         and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_context_parallel_rank() == 0
     )
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(results if contribute else [], gathered, dst=0)

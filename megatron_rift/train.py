@@ -38,12 +38,16 @@ def main(argv=None) -> int:
         return _report(error)
     # Heavy imports (torch, Megatron) only once the configuration is known to be good.
     from megatron_rift.megatron_compat import UnsupportedMegatronCore
+    from megatron_rift.training.faults import FAULT_EXIT, FAULTS
     from megatron_rift.training.loop import run_training
 
     try:
         run_training(config, plan)
     except (ConfigError, UnsupportedMegatronCore) as error:  # the same verdict on every rank
         return _report(error)
+    except FAULTS as error:  # a full disk, a NaN step, a lost rank (docs/reliability.md)
+        _report(error)
+        return FAULT_EXIT
     return 0
 
 

@@ -206,6 +206,8 @@ def test_preference_objectives_count_pairs_or_samples(assets):
     import numpy as np
 
     pairs = json.loads(open(assets["pairs"] + ".json").read())
+    # The preflight checks precomputed reference log-probs too; these datasets have none.
+    ONLINE_REFERENCE = ["--reference", "online", "--pretrained-checkpoint", assets["release"]]
     for objective in ("dpo", "simpo"):
         plan = resolve_plan(
             parse_args(
@@ -217,6 +219,7 @@ def test_preference_objectives_count_pairs_or_samples(assets):
                     "--global-batch-size",
                     "8",
                     *TINY_SHAPE,
+                    *ONLINE_REFERENCE,
                 ]
             ),
             world_size=1,
@@ -234,6 +237,7 @@ def test_preference_objectives_count_pairs_or_samples(assets):
                 "--global-batch-size",
                 "8",
                 *TINY_SHAPE,
+                *ONLINE_REFERENCE,
             ]
         ),
         world_size=1,

@@ -34,6 +34,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument(
+        "--context-parallel-size",
+        type=int,
+        default=1,
+        help="split each sequence into 2 x CP chunks over CP ranks (as the trainer's flag)",
+    )
     p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument(
         "--seq-length",
@@ -87,8 +93,16 @@ def _model_fields(args: argparse.Namespace, world_size: int, dataset_vocab: int)
         resolve_architecture,
     )
 
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    check_parallel(tp, pp, world_size)
+    tp, pp, cp = (
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        args.context_parallel_size,
+    )
+    if cp < 1 or world_size % cp:
+        raise ConfigError(
+            f"--context-parallel-size {cp} does not divide the world size {world_size}"
+        )
+    check_parallel(tp, pp, world_size // cp)
     if checkpoint_iteration(args.load) is None:
         raise ConfigError(
             f"--load {args.load} has no latest_checkpointed_iteration.txt: not a "
@@ -117,11 +131,18 @@ def main(argv=None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     from megatron_rift.data.dataset import RewardDataset, fit_seq_length
     from megatron_rift.data.errors import RolloutDataError
+    from megatron_rift.data.integrity import check_packed_dataset
     from megatron_rift.model_source import ConfigError
 
     try:  # every rank checks the same files before any process group exists
+        check_packed_dataset(args.data_path)
         dataset = RewardDataset(args.data_path)
         seq_length = fit_seq_length(dataset, args.seq_length)
+        if seq_length % (2 * args.context_parallel_size):
+            raise ConfigError(
+                f"sequence length {seq_length} does not split into 2 x --context-parallel-size "
+                f"= {2 * args.context_parallel_size} chunks; pass --seq-length as a multiple"
+            )
         vocab = int(dataset.info["tokenizer"]["vocab_size"])
         fields = _model_fields(args, world_size, vocab)
     except (ConfigError, RolloutDataError) as err:
@@ -131,7 +152,13 @@ def main(argv=None) -> int:
     from megatron_rift.parallel import destroy_distributed, init_distributed
     from megatron_rift.reference import compute_reference_logprobs
 
-    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, 1234)
+    layout = {"context_parallel_size": args.context_parallel_size}
+    init_distributed(
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        1234,
+        **(layout if args.context_parallel_size > 1 else {}),
+    )
     try:
         summary = compute_reference_logprobs(
             args.data_path,

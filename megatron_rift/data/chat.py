@@ -29,7 +29,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from megatron_rift.data.errors import RolloutDataError
+from megatron_rift.data.errors import RolloutDataError, check_encodable
 
 ROLES = ("system", "user", "assistant", "tool")
 TRAIN_ON = ("last-assistant", "all-assistant")
@@ -66,6 +66,7 @@ def parse_messages(value: object, field: str, where: object, train_on: str) -> t
                 f"{where}: {field}[{i}] ({role}) needs 'content' as a string, got "
                 f"{_describe(content)}. Lists of content parts (images, audio) are not supported."
             )
+        check_encodable(content, f"{where}: {field}[{i}] ({role}) content")
         messages.append(message)
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not assistant:

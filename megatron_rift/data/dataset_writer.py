@@ -50,13 +50,15 @@ class DatasetWriter:
         extra: dict[int, list] = {}
         for j, start, end in chunk.extra_spans:
             extra.setdefault(j, []).append((start, end))
+        pieces, lengths = [], []
         for j, index in enumerate(indices):
             if kept[j] is None:
                 continue
             length, prompt_length, response_end = kept[j]
             start = int(offsets[j])
             document = len(self.written)
-            self.builder.add_document(chunk.tokens[start : start + length], [length])
+            pieces.append(chunk.tokens[start : start + length])
+            lengths.append(length)
             self.written.append(index)
             self.response_start.append(prompt_length)
             self.response_end.append(response_end)
@@ -66,6 +68,9 @@ class DatasetWriter:
             for span_start, span_end in extra.get(j, ()):  # all before the response: they fit
                 self.spans.extend((document, span_start, span_end))
                 self.loss_tokens += span_end - span_start
+        if lengths:
+            whole = len(lengths) == len(indices) and sum(lengths) == chunk.tokens.size
+            add_documents(self.builder, chunk.tokens if whole else np.concatenate(pieces), lengths)
 
     def _fit(
         self, j: int, where: Location, chunk: EncodedChunk, response_end: int
@@ -109,6 +114,21 @@ class DatasetWriter:
         rows = np.zeros(flat.shape[0], dtype=SPAN_DTYPE)
         rows["document"], rows["start"], rows["end"] = flat[:, 0], flat[:, 1], flat[:, 2]
         return rows
+
+
+def add_documents(builder, tokens: np.ndarray, lengths: list[int]) -> None:
+    """``builder.add_document(doc, [len(doc)])`` for consecutive one-sequence documents ``tokens``
+    (the documents concatenated, ``lengths`` tokens each), in one write: the per-call cost of
+    Megatron's ``IndexedDatasetBuilder.add_document`` was a tenth of packing's CPU time. Writes
+    the same ``.bin`` bytes and index (tests/test_pack_rollouts.py compares the two); relies on
+    the builder's ``data_file`` / ``sequence_lengths`` / ``document_indices``, unchanged from
+    megatron-core 0.16.1 to 0.19.2."""
+    if builder.multimodal:
+        raise ValueError("add_documents writes text datasets only")
+    builder.data_file.write(np.ascontiguousarray(tokens, dtype=builder.dtype).tobytes())
+    first = len(builder.sequence_lengths)
+    builder.sequence_lengths.extend(lengths)
+    builder.document_indices.extend(range(first + 1, first + 1 + len(lengths)))
 
 
 def statistics(

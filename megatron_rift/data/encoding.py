@@ -80,6 +80,18 @@ class EncodedChunk:
         return self.rollout_lengths if self.response_ends is None else self.response_ends
 
 
+def encode_prompts(encoder, prompts: Sequence[str], add_special_tokens: bool) -> list:
+    """``encoder.encode_batch(prompts)``, each distinct prompt encoded once: the K rollouts of a
+    problem share their prompt, and a chunk holds them next to each other."""
+    first: dict[str, int] = {}
+    for prompt in prompts:
+        first.setdefault(prompt, len(first))
+    if len(first) == len(prompts):
+        return encoder.encode_batch(prompts, add_special_tokens=add_special_tokens)
+    encoded = encoder.encode_batch(list(first), add_special_tokens=add_special_tokens)
+    return [encoded[first[prompt]] for prompt in prompts]
+
+
 def encode_rollouts(
     encoder,
     eos_id: int,
@@ -93,7 +105,7 @@ def encode_rollouts(
     or a worker's light encoder). Prompts rendered by a chat template are passed with
     ``add_prompt_special_tokens=False``.
     """
-    prompt_ids = encoder.encode_batch(prompts, add_special_tokens=add_prompt_special_tokens)
+    prompt_ids = encode_prompts(encoder, prompts, add_prompt_special_tokens)
     response_ids = encoder.encode_batch(responses, add_special_tokens=False)
     prompt_lengths = np.fromiter(map(len, prompt_ids), dtype=np.int32, count=len(prompt_ids))
     response_lengths = np.fromiter(map(len, response_ids), dtype=np.int32, count=len(response_ids))
@@ -114,7 +126,7 @@ def encode_documents(encoder, eos_id: int, batch: DocumentBatch) -> EncodedChunk
         return encode_rollouts(encoder, eos_id, batch.prompts, batch.responses)
     plain = iter(
         zip(
-            encoder.encode_batch(batch.prompts, add_special_tokens=True),
+            encode_prompts(encoder, batch.prompts, add_special_tokens=True),
             encoder.encode_batch(batch.responses, add_special_tokens=False),
         )
         if batch.prompts

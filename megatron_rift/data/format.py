@@ -44,6 +44,19 @@ SIDE_DTYPE_V1 = np.dtype(
 )
 SPAN_DTYPE = np.dtype([("document", "<i4"), ("start", "<i4"), ("end", "<i4")])
 
+# Precomputed reference log-probs next to a dataset (tools/compute_ref_logprobs.py):
+# PREFIX.ref_logprobs.npy (one REF_DTYPE row per document) and PREFIX.ref_logprobs.json.
+REF_SUFFIX = ".ref_logprobs"
+REF_FORMAT = "megatron-rift-ref-logprobs"
+REF_DTYPE = np.dtype(
+    [
+        ("logprob", "<f8"),  # log pi_ref(response | prompt), summed over response tokens (+EOS)
+        ("num_tokens", "<i4"),  # response tokens scored
+        ("kl_logprob", "<f8"),  # the same for the document's KTO mismatched sample (NaN if skipped)
+        ("kl_num_tokens", "<i4"),
+    ]
+)
+
 
 def output_paths(prefix: str) -> dict[str, str]:
     """The four files of a packed dataset, by suffix: ``{".bin": PREFIX + ".bin", ...}``."""

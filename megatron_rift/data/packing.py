@@ -46,6 +46,7 @@ from megatron_rift.data.format import (
     TOKEN_DTYPE,
     output_paths,
 )
+from megatron_rift.data.integrity import CHECKSUMS_KEY, record_checksums
 from megatron_rift.data.reward_schemes import REWARD_SCHEMES, scheme_rewards
 from megatron_rift.data.rollout_reader import (
     PAIRS_MODES,
@@ -340,6 +341,9 @@ def _pack_into(config: PackConfig, tokenizer: RolloutTokenizer, paths: dict[str,
     if len(readback) != written.size:
         raise RuntimeError(f"wrote {written.size} rollouts but the .idx holds {len(readback)}")
     del readback
+    # crc32 of every file and of this description: a damaged copy is refused, not trained on.
+    spans_file = paths["data"] + LOSS_SPANS_SUFFIX if loss_spans else None
+    summary[CHECKSUMS_KEY] = record_checksums(paths["data"], summary, spans_file)
     with open(paths[".json"], "w") as handle:
         json.dump(summary, handle, indent=2)
         handle.write("\n")

@@ -19,48 +19,24 @@ whose fingerprint, row count or token counts disagree with the dataset is refuse
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from megatron_rift.data.dataset import RewardDataset
 from megatron_rift.data.errors import RolloutDataError
-from megatron_rift.data.format import LOSS_SPANS_SUFFIX, output_paths
-from megatron_rift.roles import CHOSEN, KL_SAMPLE, REJECTED
-
-REF_SUFFIX = ".ref_logprobs"
-REF_FORMAT = "megatron-rift-ref-logprobs"
-REF_DTYPE = np.dtype(
-    [
-        ("logprob", "<f8"),  # log pi_ref(response | prompt), summed over response tokens (+EOS)
-        ("num_tokens", "<i4"),  # response tokens scored
-        ("kl_logprob", "<f8"),  # the same for the document's KTO mismatched sample (NaN if skipped)
-        ("kl_num_tokens", "<i4"),
-    ]
+from megatron_rift.data.format import REF_DTYPE, REF_FORMAT, REF_SUFFIX  # noqa: F401
+from megatron_rift.data.integrity import (  # noqa: F401  (dataset_fingerprint re-exported)
+    check_reference_logprobs,
+    dataset_fingerprint,
 )
+from megatron_rift.roles import CHOSEN, KL_SAMPLE, REJECTED
 
 
 def ref_paths(prefix: str) -> dict[str, str]:
     base = str(prefix) + REF_SUFFIX
     return {"npy": base + ".npy", "json": base + ".json"}
-
-
-def dataset_fingerprint(prefix: str) -> str:
-    """sha256 over the dataset's index, side file(s) and description: any re-pack changes it, and
-    hashing them is cheap (the .bin is determined by them for the same inputs)."""
-    digest = hashlib.sha256()
-    paths = output_paths(prefix)
-    files = [paths[".idx"], paths[".rewards.npy"], paths[".json"]]
-    if os.path.isfile(str(prefix) + LOSS_SPANS_SUFFIX):  # all-assistant chat data
-        files.append(str(prefix) + LOSS_SPANS_SUFFIX)
-    for path in files:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def kl_partners(groups: np.ndarray) -> np.ndarray:
@@ -122,41 +98,16 @@ class ReferenceLogprobs:
 
     def __init__(self, path_prefix: str, dataset: RewardDataset, need_kl: bool):
         paths = {"npy": path_prefix + ".npy", "json": path_prefix + ".json"}
-        missing = [p for p in paths.values() if not os.path.isfile(p)]
-        if missing:
-            raise RolloutDataError(
-                f"reference log-probs {path_prefix}: missing {', '.join(missing)}. Compute them "
-                f"with tools/compute_ref_logprobs.py --data-path {dataset.prefix} --load REF_CKPT, "
-                "or train with --reference online"
-            )
+        # Files, description, fingerprint, dtype and size (the preflight's own check).
+        check_reference_logprobs(path_prefix, dataset.prefix, len(dataset), need_kl)
         self.info = json.loads(Path(paths["json"]).read_text())
-        if self.info.get("format") != REF_FORMAT:
-            raise RolloutDataError(f"{paths['json']} is not a {REF_FORMAT} description")
-        fingerprint = dataset_fingerprint(dataset.prefix)
-        if self.info.get("dataset_fingerprint") != fingerprint:
-            raise RolloutDataError(
-                f"{paths['json']} was computed for another dataset (fingerprint "
-                f"{str(self.info.get('dataset_fingerprint'))[:12]}..., {dataset.prefix} is "
-                f"{fingerprint[:12]}...): the dataset was re-packed or the file belongs elsewhere. "
-                "Recompute it with tools/compute_ref_logprobs.py"
-            )
         self.rows = np.load(paths["npy"], mmap_mode="r")
-        if self.rows.dtype != REF_DTYPE or self.rows.shape != (len(dataset),):
-            raise RolloutDataError(
-                f"{paths['npy']}: dtype {self.rows.dtype}, shape {self.rows.shape}; expected "
-                f"{len(dataset)} rows of {REF_DTYPE}. Recompute it"
-            )
         expected = dataset.loss_tokens
         bad = np.flatnonzero(np.asarray(self.rows["num_tokens"]) != expected)
         if bad.size:
             raise RolloutDataError(
                 f"{paths['npy']}: document {int(bad[0])} scored {int(self.rows['num_tokens'][bad[0]])} "
                 f"response tokens, the dataset has {int(expected[bad[0]])}. Recompute it"
-            )
-        if need_kl and not self.info.get("kl_samples", False):
-            raise RolloutDataError(
-                f"{paths['json']} has no log-probs of KTO's mismatched samples; recompute it "
-                "without --skip-kl-samples"
             )
         self.path_prefix = path_prefix
 

@@ -36,7 +36,7 @@ from numbers import Integral, Real
 from pathlib import Path
 
 from megatron_rift.data.chat import conversation_key, parse_messages
-from megatron_rift.data.errors import RolloutDataError
+from megatron_rift.data.errors import RolloutDataError, check_encodable
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
 DATASETS_FORMATS = {".json": "json", ".parquet": "parquet"}
@@ -110,10 +110,11 @@ def _iter_jsonl(path: str) -> Iterator[tuple[object, Location]]:
     opener = gzip.open if path.lower().endswith(".gz") else open
     with opener(path, "rb") as handle:
         for line_no, line in enumerate(handle, 1):
-            if not line.strip():
+            if line.isspace() or not line:  # isspace stops at the first other byte; strip copies
                 continue
             try:
-                record = json.loads(line)
+                # JSON Lines is UTF-8; decoding here skips json's encoding detection per line.
+                record = json.loads(line.decode("utf-8"))
             except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
                 raise RolloutDataError(
                     f"{path}:{line_no}: malformed JSON ({exc}). Each line must be one JSON object; "
@@ -209,6 +210,9 @@ def _group_key(prompt_id: object, prompt: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _text_field(
     record: dict, name: str, flag: str, where: Location, non_blank: bool = False
 ) -> str:
@@ -227,6 +231,7 @@ def _text_field(
             f"{where}: field '{name}' is empty; there is nothing to train on. "
             "Remove the record or fill the field."
         )
+    check_encodable(value, f"{where}: field '{name}'")
     return value
 
 
@@ -275,11 +280,17 @@ def parse_rollout(
             raise RolloutDataError(
                 f"{where}: field '{fields.reward}' must be a number, got {reward!r}."
             )
-        reward = float(reward)
-        if not math.isfinite(reward):
+        try:
+            reward = float(reward)
+        except OverflowError:  # an integer beyond float's range (found by test_fuzz_data)
+            reward = math.inf if reward > 0 else -math.inf
+        # The packed side file stores float32: a larger reward would become inf there, and the
+        # group schemes' statistics NaN (found by tests/test_fuzz_data.py).
+        if not math.isfinite(reward) or abs(reward) > FLOAT32_MAX:
             raise RolloutDataError(
-                f"{where}: field '{fields.reward}' is {reward}; rewards must be "
-                "finite numbers. Fix the reward or drop the record."
+                f"{where}: field '{fields.reward}' is {reward:g}; rewards must be "
+                f"finite numbers within float32's range (|reward| <= {FLOAT32_MAX:.3g}). Fix the "
+                "reward or drop the record."
             )
     if reward is None and correct is None:
         raise RolloutDataError(

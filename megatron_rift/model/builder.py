@@ -15,7 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_rift.model.config import GPTArchitecture
 from megatron_rift.model.linear_cross_entropy import use_linear_cross_entropy
-from megatron_rift.model.spec import get_layer_spec
+from megatron_rift.model.spec import get_layer_spec, sequence_parallel_block_spec
 
 
 def build_gpt_model(
@@ -25,13 +25,15 @@ def build_gpt_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     cross_entropy_chunk: int | None = None,
+    vp_stage: int | None = None,
 ) -> GPTModel:
     """GPTModel for this rank's pipeline stage (stage flags default from parallel_state).
 
     The vocabulary is padded for the current tensor-parallel size, as Megatron-LM does. With
     ``cross_entropy_chunk`` (tokens), ``forward(..., labels=...)`` computes the output layer and the
     cross-entropy together that many tokens at a time (``--cross-entropy-loss-fusion``,
-    :mod:`megatron_rift.model.linear_cross_entropy`).
+    :mod:`megatron_rift.model.linear_cross_entropy`). ``vp_stage``: this chunk's virtual pipeline
+    stage (pass its ``pre_process``/``post_process`` too).
     """
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
@@ -45,6 +47,8 @@ def build_gpt_model(
         num_experts=arch.num_moe_experts,
         moe_grouped_gemm=config.moe_grouped_gemm,
     )
+    if config.sequence_parallel:
+        spec = sequence_parallel_block_spec(spec, config, vp_stage)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -57,6 +61,7 @@ def build_gpt_model(
         rotary_base=arch.rotary_base,
         rope_scaling=arch.rope_scaling,
         rope_scaling_factor=arch.rope_scaling_factor,
+        **({} if vp_stage is None else {"vp_stage": vp_stage}),
     )
     if not config.perform_initialization:
         mark_tensor_parallel_weights(model)

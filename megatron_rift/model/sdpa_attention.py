@@ -18,6 +18,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
+from megatron_rift.model.context_parallel import causal_mask, gather_keys_values
+
 
 class SDPACoreAttention(MegatronModule):
     def __init__(
@@ -33,8 +35,6 @@ class SDPACoreAttention(MegatronModule):
         **_unused,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPACoreAttention does not support context parallelism")
         from megatron.core import parallel_state
 
         tp = (
@@ -48,6 +48,13 @@ class SDPACoreAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.cp_group = None  # context parallelism: megatron_rift/model/context_parallel.py
+        if config.context_parallel_size > 1:
+            self.cp_group = (
+                pg_collection.cp
+                if pg_collection is not None and hasattr(pg_collection, "cp")
+                else parallel_state.get_context_parallel_group()
+            )
 
     def forward(
         self,
@@ -63,6 +70,12 @@ class SDPACoreAttention(MegatronModule):
         if packed_seq_params is not None:
             raise NotImplementedError("packed sequences (THD) need Transformer Engine attention")
         sq, b = query.shape[0], query.shape[1]
+        if self.cp_group is not None:
+            if attention_mask is not None:
+                raise NotImplementedError(
+                    "packed rows (an explicit mask) under context parallelism"
+                )
+            key, value = gather_keys_values(key, value, self.cp_group)
         sk = key.shape[0]
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -75,6 +88,8 @@ class SDPACoreAttention(MegatronModule):
         if attention_mask is not None:
             # Megatron's convention: True marks positions to mask out.
             mask = ~attention_mask.bool()
+        elif self.cp_group is not None:
+            mask = causal_mask(sq, self.cp_group, q.device)
         elif mask_type == AttnMaskType.causal:
             # Bottom-right aligned, so a short query attends to the whole cached prefix.
             mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)

@@ -61,3 +61,56 @@ def get_layer_spec(
         attention.submodules, core_attention=SDPACoreAttention
     )
     return spec
+
+
+class SequenceParallelTorchNorm:
+    """Megatron's ``WrappedTorchNorm`` (torch's RMSNorm / LayerNorm, the norm of the local spec
+    without apex), allowed under sequence parallelism.
+
+    Megatron's wrapper refuses sequence parallelism only because torch's norm does not mark its
+    weights: each tensor-parallel rank then normalizes its own slice of the sequence, so the
+    weight gradients are partial sums that ``finalize_model_grads`` must all-reduce over the TP
+    group, which it does for parameters marked ``sequence_parallel`` (as apex's and TE's norms
+    mark theirs).
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        norms = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in norms:
+            raise ValueError(f"normalization {config.normalization!r}: LayerNorm or RMSNorm")
+        norm = norms[config.normalization](normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _swap_torch_norms(spec):
+    """A copy of ``spec`` with every WrappedTorchNorm replaced by SequenceParallelTorchNorm."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    if spec is WrappedTorchNorm:
+        return SequenceParallelTorchNorm
+    if isinstance(spec, ModuleSpec):
+        return dataclasses.replace(spec, submodules=_swap_torch_norms(spec.submodules))
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        changes = {
+            f.name: _swap_torch_norms(getattr(spec, f.name)) for f in dataclasses.fields(spec)
+        }
+        return dataclasses.replace(spec, **changes)
+    return spec
+
+
+def sequence_parallel_block_spec(layer_spec: ModuleSpec, config, vp_stage: int | None = None):
+    """The transformer block of this stage (chunk) for a sequence-parallel ``config``: the layer
+    spec and the final norm with :class:`SequenceParallelTorchNorm` where the torch norm was (TE's
+    and apex's norms support sequence parallelism and stay)."""
+    from megatron.core.transformer import transformer_block
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    final_norm = transformer_block.LayerNormImpl
+    if final_norm is WrappedTorchNorm:
+        final_norm = SequenceParallelTorchNorm
+    num_layers = transformer_block.get_num_layers_to_build(config, vp_stage=vp_stage)
+    return transformer_block.TransformerBlockSubmodules(
+        layer_specs=[_swap_torch_norms(layer_spec)] * num_layers, layer_norm=final_norm
+    )

@@ -40,9 +40,12 @@ def stage_transformer_config(
     fp8_format: str | None = None,
     fp8_recipe: str = "delayed",
     variable_seq_lengths: bool = False,
+    layout: dict | None = None,
     moe_overrides: dict | None = None,
 ):
-    """Megatron's TransformerConfig for a run of this layout (``dtype`` one of :data:`DTYPES`);
+    """Megatron's TransformerConfig for a run of this layout (``dtype`` one of :data:`DTYPES`).
+    ``layout``: TransformerConfig fields of the layout and memory flags (sequence parallelism,
+    virtual pipeline stages, recompute; megatron_rift.training.layout.transformer_layout);
     ``moe_overrides``: the run's MoE fields (expert parallel size, router losses, dispatcher)."""
     overrides = dict(
         tensor_model_parallel_size=tensor_parallel,
@@ -58,6 +61,7 @@ def stage_transformer_config(
         overrides.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
     if fp8_format is not None:
         overrides.update(fp8=fp8_format, fp8_recipe=fp8_recipe)
+    overrides.update(layout or {})
     overrides.update(moe_overrides or {})
     return to_transformer_config(arch, DTYPES[dtype], loads_weights=loads_weights, **overrides)
 

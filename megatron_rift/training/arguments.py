@@ -31,6 +31,8 @@ _GROUP_TITLES = {
     "and a flag that contradicts it is an error)",
     "checkpoint": "checkpointing",
     "logging": "logging",
+    "memory": "activation memory (recompute)",
+    "reliability": "faults: NaN/Inf steps, lost ranks (docs/reliability.md)",
     "moe": "mixture of experts (MoE models; docs/moe.md)",
 }
 

@@ -39,12 +39,14 @@ from megatron_rift.checkpoint_layout import HF_CONFIG_DIR, TOKENIZER_DIR
 from megatron_rift.checkpointing import (
     iteration_dir_name,
     load_checkpoint,
+    load_model_state,
     load_model_weights,
+    model_sharded_state_dict,
     save_checkpoint,
-    unwrap_model,
 )
 from megatron_rift.training import dist_optimizer_fixes
 from megatron_rift.training.config import CheckpointConfig
+from megatron_rift.training.model_chunks import synced_parameters
 from megatron_rift.training.preflight import ConfigError
 from megatron_rift.training.save_queue import install_results_queue
 
@@ -52,11 +54,15 @@ FORMAT_VERSION = 1
 
 
 def parallel_layout() -> dict:
-    return {
+    layout = {
         "tp": parallel_state.get_tensor_model_parallel_world_size(),
         "pp": parallel_state.get_pipeline_model_parallel_world_size(),
         "dp": parallel_state.get_data_parallel_world_size(),
     }
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp > 1:  # only then: checkpoints written without CP keep their layout record
+        layout["cp"] = cp
+    return layout
 
 
 def _rng_state() -> dict:
@@ -87,9 +93,10 @@ def _rng_sharded_object(state) -> ShardedObject:
         parallel_state.get_tensor_model_parallel_rank(),
         parallel_state.get_data_parallel_rank(),
     )
-    return ShardedObject(
-        "rng_state", state, (layout["pp"], layout["tp"], layout["dp"]), rank, replica_id=0
-    )
+    shape = (layout["pp"], layout["tp"], layout["dp"])
+    if "cp" in layout:  # each CP rank has its own generator states
+        shape, rank = (*shape, layout["cp"]), (*rank, parallel_state.get_context_parallel_rank())
+    return ShardedObject("rng_state", state, shape, rank, replica_id=0)
 
 
 def _optimizer_metadata() -> dict:
@@ -106,9 +113,9 @@ def training_state_dict(
     with_rng: bool = True,
 ) -> dict:
     """The sharded state dict of a trainer checkpoint (to save, or as the template to load)."""
-    model_sd = unwrap_model(components.model[0]).sharded_state_dict()
+    model_sd = model_sharded_state_dict(components.model)
     state = {
-        "model": model_sd,
+        **model_sd,
         "iteration": iteration,
         "data_sampler": data.state_dict(),
         "parallel_layout": parallel_layout(),
@@ -183,8 +190,10 @@ def save_training_checkpoint(
     root = Path(ckpt.save)
     install_results_queue()
     _write_root_files(root, components, model_source, dataset_tokenizer_folder(data_path))
-    state = training_state_dict(components, data, iteration, run_config, is_loading=False)
-    return save_checkpoint(root, iteration, state, keep_last=ckpt.keep_last_checkpoints)
+    # With --overlap-param-gather the weights are stale until the next forward: gather them first.
+    with synced_parameters(components.model):
+        state = training_state_dict(components, data, iteration, run_config, is_loading=False)
+        return save_checkpoint(root, iteration, state, keep_last=ckpt.keep_last_checkpoints)
 
 
 def _start_folder(plan) -> Path | None:
@@ -218,10 +227,57 @@ def check_vocab_padding(plan, arch) -> None:
         )
 
 
+def expected_weight_shapes(arch) -> dict[str, tuple]:
+    """Global shapes (layers stacked first) of the weights every GPT checkpoint of ``arch`` has,
+    as dist_checkpointing records them; the vocabulary dimension is left to check_vocab_padding."""
+    layers, hidden, kv = arch.num_layers, arch.hidden_size, arch.kv_channels
+    qkv = (arch.num_attention_heads + 2 * arch.num_query_groups) * kv
+    return {
+        "decoder.final_layernorm.weight": (hidden,),
+        "decoder.layers.self_attention.linear_qkv.weight": (layers, qkv, hidden),
+        "decoder.layers.self_attention.linear_proj.weight": (
+            layers,
+            hidden,
+            arch.num_attention_heads * kv,
+        ),
+    }
+
+
+def check_weights_match_config(plan, arch, config_source: str) -> None:
+    """Fail before any collective when the checkpoint's weights have other shapes than its
+    model_config.json describes (an edited or mismatched config), naming both files."""
+    folder = _start_folder(plan)
+    if folder is None or not (folder / ".metadata").is_file():
+        return
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    embedding = getattr(metadata.get("embedding.word_embeddings.weight"), "size", None)
+    expected = expected_weight_shapes(arch)
+    found = {name: getattr(metadata.get(name), "size", None) for name in expected}
+    if embedding is not None:
+        expected["embedding.word_embeddings.weight (columns)"] = (arch.hidden_size,)
+        found["embedding.word_embeddings.weight (columns)"] = tuple(embedding)[1:]
+    wrong = [
+        f"{name} is {tuple(found[name])}, expected {shape}"
+        for name, shape in expected.items()
+        if found[name] is not None and tuple(found[name]) != shape
+    ]
+    if wrong:
+        raise ConfigError(
+            f"{config_source} does not describe the weights in {folder}: {'; '.join(wrong)}. "
+            "Restore the model_config.json written with these weights (or convert the model "
+            "again)"
+        )
+
+
 def load_start_state(ckpt: CheckpointConfig, plan, components, data, log) -> int:
     """Apply the plan's start point; return the iteration training continues after."""
+    if plan.start_note:
+        log(plan.start_note)
     if plan.start == "scratch":
-        log("starting from randomly initialized weights")
+        why = "--from-scratch" if ckpt.from_scratch else "architecture flags, no checkpoint"
+        log(f"starting from randomly initialized weights ({why})")
         return 0
     root = Path(plan.start_dir)
     if plan.start == "finetune":
@@ -259,7 +315,7 @@ def _resume(ckpt: CheckpointConfig, components, data, folder: Path, log) -> int:
         components, data, 0, {}, is_loading=True, with_optimizer=with_optimizer, with_rng=with_rng
     )
     loaded = load_checkpoint(folder, template)
-    unwrap_model(components.model[0]).load_state_dict(loaded["model"], strict=True)
+    load_model_state(components.model, loaded)
     if not with_optimizer:
         components.optimizer.reload_model_params()
     else:

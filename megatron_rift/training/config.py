@@ -24,6 +24,9 @@ TRANSFORMER_IMPLS = ("auto", "transformer_engine", "local")
 CROSS_ENTROPY_FUSIONS = ("linear",)
 # = megatron_rift.model.linear_cross_entropy.DEFAULT_CHUNK_TOKENS (that module imports torch)
 CROSS_ENTROPY_CHUNK_TOKENS = 512
+CP_COMM_TYPES = ("p2p", "a2a", "all_gather", "a2a+p2p")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 # Paper section 4.1 recipe.
 PAPER_GLOBAL_BATCH_SIZE = 64
@@ -120,6 +123,38 @@ class ObjectiveConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = flag(1, "tensor-parallel size")
     pipeline_model_parallel_size: int = flag(1, "pipeline-parallel size")
+    # Layouts and communication overlap (docs/layouts.md); Megatron-LM's names and meanings.
+    sequence_parallel: bool = flag(
+        False,
+        "split norm/dropout activations along the sequence over the tensor-parallel ranks "
+        "(needs TP > 1)",
+    )
+    context_parallel_size: int = flag(
+        1, "context-parallel size: each sequence split into 2 x CP chunks over CP ranks"
+    )
+    cp_comm_type: str | None = flag(
+        None,
+        "Transformer Engine's context-parallel attention communication (default p2p)",
+        choices=CP_COMM_TYPES,
+    )
+    num_layers_per_virtual_pipeline_stage: int | None = flag(
+        None, "layers per virtual pipeline stage: Megatron's interleaved 1F1B schedule"
+    )
+    overlap_grad_reduce: bool = flag(
+        False, "overlap the data-parallel gradient reduce with the backward pass"
+    )
+    overlap_param_gather: bool = flag(
+        False,
+        "overlap the distributed optimizer's parameter all-gather with the next forward pass",
+    )
+    ddp_bucket_size: int | None = flag(
+        None, "elements per gradient-reduce bucket (default: Megatron's)", metavar="ELEMENTS"
+    )
+    tp_comm_overlap: bool = flag(
+        False,
+        "overlap tensor-parallel communication with GEMMs (Transformer Engine userbuffers; "
+        "needs --sequence-parallel)",
+    )
 
 
 @dataclasses.dataclass
@@ -299,6 +334,26 @@ class MoEConfig:
 
 
 @dataclasses.dataclass
+class MemoryConfig:
+    """Activation recompute (Megatron-LM's flags; Megatron-Core's TransformerConfig fields)."""
+
+    recompute_granularity: str | None = flag(
+        None,
+        "recompute activations in the backward pass: full layers, or selective (core attention)",
+        choices=RECOMPUTE_GRANULARITIES,
+    )
+    recompute_method: str | None = flag(
+        None,
+        "full recompute: uniform (every group of --recompute-num-layers) or block (the first "
+        "--recompute-num-layers of each pipeline stage)",
+        choices=RECOMPUTE_METHODS,
+    )
+    recompute_num_layers: int | None = flag(
+        None, "layers per recompute group (uniform) or recomputed per stage (block)"
+    )
+
+
+@dataclasses.dataclass
 class CheckpointConfig:
     load: str | None = flag(
         None,
@@ -329,6 +384,18 @@ class CheckpointConfig:
     keep_last_checkpoints: int | None = flag(
         None, "delete older iter_* folders after each save, keeping this many"
     )
+    load_fallback: str | None = flag(
+        None,
+        "when the checkpoint the tracker in --load names is missing or incomplete, resume from "
+        "the newest complete one before it (and say so) instead of stopping with an error",
+        choices=("previous",),
+    )
+    from_scratch: bool = flag(
+        False,
+        "start from randomly initialized weights (shape from the architecture flags) when "
+        "--load holds no checkpoint; a run with no checkpoint, no --pretrained-checkpoint and "
+        "no architecture flags is an error",
+    )
 
 
 @dataclasses.dataclass
@@ -348,6 +415,29 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass
+class ReliabilityConfig:
+    """What a fault does (docs/reliability.md). Megatron-LM's names."""
+
+    check_for_nan_in_loss_and_grad: bool = flag(
+        True,
+        "do not check each step's loss terms and gradients for NaN/Inf before the update",
+        name="--no-check-for-nan-in-loss-and-grad",
+        negate=True,
+    )
+    skip_nan_steps: int = flag(
+        0,
+        "skip (do not apply, log) up to N steps with a NaN/Inf loss or gradient instead of "
+        "stopping at the first",
+        metavar="N",
+    )
+    distributed_timeout_minutes: float = flag(
+        10.0,
+        "how long a collective waits for a rank before the run stops naming the lost rank(s) "
+        "(the process groups' timeout)",
+    )
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """Everything ``megatron_rift.train`` runs on; each field is one section of flags."""
 
@@ -358,8 +448,10 @@ class TrainConfig:
     optimizer: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
     architecture: ArchitectureConfig = dataclasses.field(default_factory=ArchitectureConfig)
+    memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    reliability: ReliabilityConfig = dataclasses.field(default_factory=ReliabilityConfig)
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     # Modules imported before the configuration is checked: they may register objectives
     # (megatron_rift.objectives.register).

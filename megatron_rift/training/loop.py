@@ -19,13 +19,22 @@ from megatron_rift.objectives import get_objective
 from megatron_rift.parallel import destroy_distributed, init_distributed
 from megatron_rift.training.checkpoint_state import (
     check_vocab_padding,
+    check_weights_match_config,
     load_start_state,
     save_training_checkpoint,
 )
 from megatron_rift.training.config import TrainConfig
 from megatron_rift.training.data import TrainingData, open_units, resolve_seq_length
+from megatron_rift.training.faults import FAULTS, last_checkpoint
+from megatron_rift.training.layout import (
+    check_sequence_split,
+    layout_note,
+    parallel_state_layout,
+)
 from megatron_rift.training.logging import MetricsLogger
+from megatron_rift.training.lost_rank import is_collective_failure, lost_rank_error
 from megatron_rift.training.moe import router_loss_metrics
+from megatron_rift.training.nonfinite import NonFiniteGuard
 from megatron_rift.training.preflight import RunPlan
 from megatron_rift.training.setup import build_reference_model, setup_training
 from megatron_rift.training.step import loss_settings, make_forward_step, train_step
@@ -55,10 +64,14 @@ def run_training(config: TrainConfig, plan: RunPlan) -> dict:
     objective = get_objective(config.objective.name)
     units = open_units(objective, config.objective, dataset)  # pairs, reference log-probs
     check_vocab_padding(plan, GPTArchitecture(**plan.arch_fields))
+    check_sequence_split(seq_length, config.parallel, "the sequence length")
+    check_weights_match_config(plan, GPTArchitecture(**plan.arch_fields), plan.arch_source)
     init_distributed(
         plan.tensor_parallel,
         plan.pipeline_parallel,
         config.schedule.seed,
+        **parallel_state_layout(plan.layout),
+        timeout_minutes=config.reliability.distributed_timeout_minutes,
         expert_model_parallel_size=config.moe.expert_model_parallel_size,
         expert_tensor_parallel_size=config.moe.expert_tensor_parallel_size,
     )
@@ -100,7 +113,9 @@ def _train(config: TrainConfig, plan: RunPlan, seq_length: int, dataset, units) 
         f"({config.optimizer.lr_decay_style}, {plan.warmup_iters} warmup), "
         f"TP={plan.tensor_parallel} PP={plan.pipeline_parallel} DP={plan.data_parallel}, "
         f"seq {data.seq_length}, model from {plan.arch_source}, "
-        f"{'Transformer Engine' if components.use_te else 'local'} layers" + _fusion_note(config)
+        f"{'Transformer Engine' if components.use_te else 'local'} layers"
+        + _fusion_note(config)
+        + layout_note(config, plan.layout)
     )
     start_iteration = load_start_state(config.checkpoint, plan, components, data, log)
     run_config = config.to_dict()
@@ -129,6 +144,9 @@ def _train(config: TrainConfig, plan: RunPlan, seq_length: int, dataset, units) 
             f"nothing left to train: the checkpoint is at step {start_iteration} of "
             f"{plan.train_iters}"
         )
+    reliability = config.reliability
+    guard = NonFiniteGuard(reliability.skip_nan_steps, lambda: last_checkpoint(config), log)
+    iteration = start_iteration
     try:
         for iteration in range(start_iteration + 1, plan.train_iters + 1):
             started = time.perf_counter()
@@ -141,7 +159,9 @@ def _train(config: TrainConfig, plan: RunPlan, seq_length: int, dataset, units) 
                 data.seq_length,
                 data.rows_per_micro_batch,
                 forward_step,
+                check_nonfinite=reliability.check_for_nan_in_loss_and_grad,
             )
+            nonfinite = values.pop("nonfinite", None)
             if components.arch.is_moe:  # Megatron's router losses of this step, logged
                 routed = get_num_microbatches() * data.rows_per_micro_batch * data.seq_length
                 values.update(
@@ -163,6 +183,7 @@ def _train(config: TrainConfig, plan: RunPlan, seq_length: int, dataset, units) 
                 "samples": iteration * schedule.global_batch_size,
             }
             logger.log_step(record)
+            guard.check(iteration, nonfinite)  # raises when a NaN/Inf step ends the run
             if _should_save(config, iteration, plan.train_iters):
                 folder = save_training_checkpoint(
                     config.checkpoint,
@@ -174,6 +195,10 @@ def _train(config: TrainConfig, plan: RunPlan, seq_length: int, dataset, units) 
                     plan.start_dir,
                 )
                 log(f"saved checkpoint {folder}")
+    except RuntimeError as error:
+        if isinstance(error, FAULTS) or not is_collective_failure(error):
+            raise
+        raise lost_rank_error(error, reliability.distributed_timeout_minutes, iteration) from error
     finally:
         logger.close()
     return record if is_logger else {}

@@ -12,17 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
-import os
 from pathlib import Path
 
 from packaging.specifiers import SpecifierSet
 
-from megatron_rift.checkpoint_layout import TRACKER_FILE, iteration_dir_name, unreadable_reason
-from megatron_rift.data.format import OUTPUT_SUFFIXES
+from megatron_rift.checkpoint_layout import (
+    TRACKER_FILE,
+    incomplete_reason,
+    iteration_dir_name,
+    previous_complete,
+    unreadable_reason,
+)
+from megatron_rift.data.errors import RolloutDataError
+from megatron_rift.data.format import REF_SUFFIX
+from megatron_rift.data.integrity import check_packed_dataset, check_reference_logprobs
 from megatron_rift.megatron_compat import installed_version
 from megatron_rift.model_source import (
+    SHAPE_FIELDS,
     ConfigError,
     check_architecture,
     check_parallel,
@@ -40,6 +47,7 @@ from megatron_rift.training.config import (
     ScheduleConfig,
     TrainConfig,
 )
+from megatron_rift.training.layout import Layout, check_layout, check_model_layout
 from megatron_rift.training.moe_preflight import check_moe
 
 
@@ -63,6 +71,9 @@ class RunPlan:
     start: str  # "resume", "finetune" or "scratch"
     start_dir: str | None  # checkpoint root to read weights (and state, when resuming) from
     start_iteration: int | str | None  # iteration to read, "release", or None
+    # Context parallelism and virtual pipeline stages (megatron_rift/training/layout.py).
+    layout: Layout = dataclasses.field(default_factory=Layout)
+    start_note: str = ""  # why another checkpoint than the tracker's is read (--load-fallback)
 
     @property
     def loads_weights(self) -> bool:
@@ -84,19 +95,11 @@ def _check_batch(schedule: ScheduleConfig, dp: int) -> int:
 
 
 def read_dataset_info(prefix: str) -> dict:
-    """The packed dataset's PREFIX.json, after checking its files exist."""
-    missing = [prefix + s for s in OUTPUT_SUFFIXES if not os.path.isfile(prefix + s)]
-    if missing:
-        fail(
-            f"--data-path {prefix}: missing {', '.join(missing)}; pack rollouts with "
-            "tools/pack_rollouts.py --output-prefix PREFIX and pass that PREFIX"
-        )
+    """The packed dataset's PREFIX.json, after checking every file of it (data/integrity.py)."""
     try:
-        info = json.loads(Path(prefix + ".json").read_text())
-        int(info["rollouts"]), int(info["tokenizer"]["vocab_size"])
-    except (ValueError, KeyError, TypeError) as err:
-        fail(f"{prefix}.json is not a packed-dataset description ({err!r}); re-pack the data")
-    return info
+        return check_packed_dataset(prefix)
+    except RolloutDataError as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_precision(precision: PrecisionConfig) -> None:
@@ -175,6 +178,11 @@ def _check_outputs(config: TrainConfig) -> None:
 
 def start_point(ckpt: CheckpointConfig) -> tuple[str, str | None, int | str | None]:
     """(start, dir, iteration): resume a trainer checkpoint, fine-tune from weights, or scratch."""
+    if ckpt.from_scratch and ckpt.pretrained_checkpoint:
+        fail(
+            "--from-scratch and --pretrained-checkpoint contradict each other: drop one "
+            "(--from-scratch trains randomly initialized weights)"
+        )
     loaded = checkpoint_iteration(ckpt.load)
     if ckpt.load and ckpt.ckpt_step is not None:
         loaded = ckpt.ckpt_step
@@ -199,6 +207,74 @@ def start_point(ckpt: CheckpointConfig) -> tuple[str, str | None, int | str | No
             "same folder to --load and --save)"
         )
     return "scratch", None, None
+
+
+def checked_start_point(ckpt: CheckpointConfig) -> tuple[str, str | None, int | str | None, str]:
+    """:func:`start_point`, then the checkpoint it names checked for missing or truncated files;
+    with ``--load-fallback previous`` an incomplete one gives way to the newest complete one
+    before it. Returns (start, dir, iteration, note)."""
+    start, start_dir, iteration = start_point(ckpt)
+    if start_dir is None:
+        return start, start_dir, iteration, ""
+    folder = Path(start_dir) / iteration_dir_name(iteration)
+    problem = incomplete_reason(folder)
+    if problem is None:
+        return start, start_dir, iteration, ""
+    previous = None
+    if isinstance(iteration, int) and start_dir == ckpt.load:
+        previous = previous_complete(start_dir, iteration)
+    if ckpt.load_fallback == "previous" and previous is not None:
+        note = (
+            f"checkpoint {folder} is incomplete ({problem}); resuming from the previous complete "
+            f"one, {iteration_dir_name(previous)} (--load-fallback previous)"
+        )
+        return start, start_dir, previous, note
+    hint = (
+        f" Pass --load-fallback previous to start from {iteration_dir_name(previous)}, the newest "
+        "complete checkpoint before it"
+        if previous is not None
+        else ""
+    )
+    if not hint:
+        hint = " Restore that checkpoint, or point --load / --pretrained-checkpoint elsewhere"
+    raise ConfigError(
+        f"cannot load {folder} (named by {Path(start_dir) / TRACKER_FILE}): {problem}.{hint}"
+    )
+
+
+def check_model_source(ckpt: CheckpointConfig, given: dict) -> None:
+    """A run that starts from no checkpoint must say so: ``--from-scratch`` or the shape flags
+    (an empty --load, a typo'd path in a job script, must not train a random model unnoticed)."""
+    missing = [f"--{name.replace('_', '-')}" for name in SHAPE_FIELDS if name not in given]
+    if not missing:
+        return
+    if ckpt.from_scratch:
+        fail(f"--from-scratch needs the new model's shape: {', '.join(missing)} missing")
+    where = (
+        f"--load {ckpt.load} holds no checkpoint (no {TRACKER_FILE})"
+        if ckpt.load
+        else "no --load checkpoint"
+    )
+    fail(
+        f"no model to start from: {where} and no --pretrained-checkpoint. Pass "
+        "--pretrained-checkpoint (a converted model), fix the --load path, or train from "
+        f"randomly initialized weights with --from-scratch and {', '.join(missing)}"
+    )
+
+
+def check_reference_files(
+    objective: Objective, settings: ObjectiveConfig, data_path: str, info: dict
+) -> None:
+    """Precomputed reference log-probs exist and belong to this dataset (data/integrity.py)."""
+    if not objective.reference or settings.reference != "precomputed":
+        return
+    path = settings.ref_logprobs or data_path + REF_SUFFIX
+    try:
+        check_reference_logprobs(
+            path, data_path, int(info["rollouts"]), need_kl=objective.unit is Unit.MISMATCHED
+        )
+    except RolloutDataError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _schedule(
@@ -287,8 +363,9 @@ def preflight(config: TrainConfig, world_size: int) -> RunPlan:
     except KeyError as err:
         raise ConfigError(str(err.args[0])) from None
     parallel = config.parallel
+    cp = check_layout(config, world_size)
     tp, pp, dp = check_parallel(
-        parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size, world_size
+        parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size, world_size // cp
     )
     num_micro = _check_batch(config.schedule, dp)
     info = read_dataset_info(config.data.data_path)
@@ -297,18 +374,22 @@ def preflight(config: TrainConfig, world_size: int) -> RunPlan:
     _check_outputs(config)
     if config.data.seq_length is not None and config.data.seq_length < 2:
         fail(f"--seq-length must be at least 2, got {config.data.seq_length}")
-    start, start_dir, start_iter = start_point(config.checkpoint)
+    start, start_dir, start_iter, start_note = checked_start_point(config.checkpoint)
     if start_dir is not None:  # e.g. written under a newer megatron-core than this one
         reason = unreadable_reason(Path(start_dir) / iteration_dir_name(start_iter))
         if reason:
             fail(reason)
+    if start == "scratch":
+        check_model_source(config.checkpoint, config.architecture.given())
     dataset_vocab = int(info["tokenizer"]["vocab_size"])
     fields, source = resolve_architecture(config.architecture.given(), dataset_vocab, start_dir)
     check_architecture(fields, tp, pp, dataset_vocab, source)
     fields = check_moe(config, fields, world_size, tp, pp)
+    layout = check_model_layout(config, int(fields["num_layers"]), num_micro)
     check_objective(objective, config.objective, info)
     _check_reference(objective, config.objective, pp, start, config.checkpoint)
     num_samples, unit = count_units(objective, config.data.data_path, info)
+    check_reference_files(objective, config.objective, config.data.data_path, info)
     iters, warmup, decay = _schedule(
         config.schedule, config.optimizer, num_samples, f"{num_samples} {unit}"
     )
@@ -332,4 +413,6 @@ def preflight(config: TrainConfig, world_size: int) -> RunPlan:
         start,
         start_dir,
         start_iter,
+        layout,
+        start_note,
     )

@@ -26,13 +26,15 @@ from megatron_rift.model.stage import (
     stage_transformer_config,
 )
 from megatron_rift.training.config import OptimConfig, TrainConfig
+from megatron_rift.training.layout import ddp_layout, transformer_layout
+from megatron_rift.training.model_chunks import set_overlap_hooks, stage_flags, virtual_stages
 from megatron_rift.training.moe import keep_experts_apart, moe_transformer_overrides
 from megatron_rift.training.preflight import RunPlan
 
 
 @dataclasses.dataclass
 class TrainingComponents:
-    model: list  # one DistributedDataParallel chunk (no virtual pipeline stages)
+    model: list  # DistributedDataParallel chunks: one, or one per virtual pipeline stage
     optimizer: object  # megatron.core.optimizer.MegatronOptimizer
     scheduler: OptimizerParamScheduler
     config: object  # the TransformerConfig every layer was built from
@@ -51,31 +53,46 @@ def run_transformer_config(config: TrainConfig, plan: RunPlan, arch: GPTArchitec
         fp8_format=precision.fp8_format,
         fp8_recipe=precision.fp8_recipe,
         variable_seq_lengths=config.data.sequence_packing and plan.pipeline_parallel > 1,
+        layout=transformer_layout(config, plan.layout),
         moe_overrides=moe_transformer_overrides(config.moe, arch),
     )
 
 
 def build_model(config: TrainConfig, plan: RunPlan, arch: GPTArchitecture):
-    """[DDP(GPTModel)] for this rank's pipeline stage, its TransformerConfig and the layer kind."""
+    """[DDP(GPTModel)] for this rank's pipeline stage (one chunk per virtual stage), its
+    TransformerConfig and the layer kind."""
     use_te = resolve_use_te(config.precision.transformer_impl)
     transformer_config = run_transformer_config(config, plan, arch)
-    gpt = build_gpt_model(
-        arch,
-        transformer_config,
-        use_te=use_te,
-        cross_entropy_chunk=config.precision.cross_entropy_chunk,
-    )
-    if arch.is_moe:
-        keep_experts_apart(gpt)  # one optimizer-state layout at every EP
-    model = place_model(gpt, transformer_config)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
         use_distributed_optimizer=config.optimizer.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # training/nonfinite.py checks every step on all ranks together (this check raises on
+        # one rank while the others wait in the next collective)
+        check_for_nan_in_grad=False,
+        **ddp_layout(config),
     )
-    ddp = DistributedDataParallel(config=transformer_config, ddp_config=ddp_config, module=model)
-    return [ddp], transformer_config, use_te
+    chunks = []
+    for vp_stage in virtual_stages(plan.layout):
+        gpt = build_gpt_model(
+            arch,
+            transformer_config,
+            use_te=use_te,
+            cross_entropy_chunk=config.precision.cross_entropy_chunk,
+            **stage_flags(vp_stage),
+        )
+        if arch.is_moe:
+            keep_experts_apart(gpt)  # one optimizer-state layout at every EP
+        model = place_model(gpt, transformer_config)
+        # Megatron-LM: only the first chunk buckets its gradients (the others reduce as one).
+        chunks.append(
+            DistributedDataParallel(
+                config=transformer_config,
+                ddp_config=ddp_config,
+                module=model,
+                disable_bucketing=vp_stage is not None and vp_stage > 0,
+            )
+        )
+    return chunks, transformer_config, use_te
 
 
 def build_optimizer(optim: OptimConfig, dtype: str, plan: RunPlan, model: list):
@@ -130,6 +147,7 @@ def setup_training(config: TrainConfig, plan: RunPlan) -> TrainingComponents:
     # all-reduce (and the per-token division) through these hooks.
     transformer_config.grad_scale_func = optimizer.scale_loss
     transformer_config.finalize_model_grads_func = finalize_model_grads
+    set_overlap_hooks(transformer_config, model)
     return TrainingComponents(model, optimizer, scheduler, transformer_config, arch, use_te)
 
 

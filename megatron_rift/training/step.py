@@ -17,8 +17,11 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rift.losses import LossSettings, make_loss_func, sequence_logprobs
+from megatron_rift.model.context_parallel import split_for_context_parallel
 from megatron_rift.objectives import Objective, Unit
 from megatron_rift.training.config import ObjectiveConfig
+from megatron_rift.training.model_chunks import chunk_iterators
+from megatron_rift.training.nonfinite import nonfinite_ranks
 
 
 def packed_seq_params_for_te(segment_ids: torch.Tensor) -> PackedSeqParams:
@@ -75,6 +78,7 @@ def make_forward_step(
     sequences = objective.unit is not Unit.ROLLOUT
     # Statistics a loss reduces over the whole data-parallel batch (KTO's reference point).
     group = parallel_state.get_data_parallel_group()
+    context_parallel = parallel_state.get_context_parallel_world_size() > 1
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -88,6 +92,8 @@ def make_forward_step(
             batch = _flatten_for_thd(batch)
         if not (packed or sequences):
             batch.pop("segment_ids", None)  # one sample per row: the losses need no segments
+        if context_parallel:
+            batch = split_for_context_parallel(batch)
         args = (batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
         output = model(*args, labels=batch["labels"], packed_seq_params=packed_seq_params)
         if reference_model is not None:
@@ -140,8 +146,13 @@ def train_step(
     seq_length: int,
     micro_batch_size: int,
     forward_step,
+    check_nonfinite: bool = False,
 ) -> dict:
-    """Run one optimizer step; return the metrics of this step (on every rank)."""
+    """Run one optimizer step; return the metrics of this step (on every rank).
+
+    With ``check_nonfinite`` every rank agrees whether the loss terms or gradients hold a
+    NaN/Inf before the update; such a step is not applied and ``values["nonfinite"]`` says
+    where (training/nonfinite.py)."""
     model, optimizer, scheduler = components.model, components.optimizer, components.scheduler
     for chunk in model:
         chunk.zero_grad_buffer()
@@ -150,14 +161,20 @@ def train_step(
     forward_backward = get_forward_backward_func()
     reports = forward_backward(
         forward_step_func=forward_step,
-        data_iterator=micro_batches,
+        data_iterator=chunk_iterators(micro_batches, len(model)),
         model=model,
         num_microbatches=num_microbatches,
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    update_successful, grad_norm, _ = optimizer.step()
+    found = None
+    if check_nonfinite:  # fp16's loss scaler skips overflowing gradients itself
+        found = nonfinite_ranks(reports, model, check_grads=not components.config.fp16)
+    if found and (found["loss"] or found["grad"]):
+        update_successful, grad_norm = False, None
+    else:
+        update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=1)
     values = reduce_reports(reports) if parallel_state.is_pipeline_last_stage() else {}
@@ -167,4 +184,6 @@ def train_step(
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         skipped=not update_successful,
     )
+    if found is not None:
+        values["nonfinite"] = found
     return values

@@ -52,6 +52,8 @@ def main(out: str) -> None:
     build_release_checkpoint(out / "release_model")
     # Vocabulary 100 pads to 128 rows at TP=1 but 256 at TP=2: a TP this checkpoint cannot load.
     build_release_checkpoint(out / "release_vocab100", vocab_size=100)
+    # Four layers: two per pipeline stage, so PP=2 can interleave two virtual stages.
+    build_release_checkpoint(out / "release_4layers", num_layers=4)
     print(
         json.dumps(
             {
@@ -59,6 +61,7 @@ def main(out: str) -> None:
                 "pairs": pairs,
                 "release": str(out / "release_model"),
                 "release_vocab100": str(out / "release_vocab100"),
+                "release_4layers": str(out / "release_4layers"),
             }
         )
     )
