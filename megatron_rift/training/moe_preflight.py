@@ -29,12 +29,12 @@ def check_moe(config: TrainConfig, fields: dict, world_size: int, tp: int, pp: i
     )
     if problems:
         fail("cannot split the experts: " + "; ".join(problems))
-    if tp > 1:
+    if tp > 1 and not config.parallel.sequence_parallel:
         # Megatron-Core's MoELayer refuses to train at TP > 1 without sequence parallelism.
         fail(
             f"--tensor-model-parallel-size {tp} with a mixture-of-experts model: Megatron-Core "
-            "trains MoE layers under tensor parallelism only with sequence parallelism, which "
-            "this trainer does not offer yet; use TP=1 and split the experts with "
+            "trains MoE layers under tensor parallelism only with sequence parallelism; add "
+            "--sequence-parallel, or use TP=1 and split the experts with "
             "--expert-model-parallel-size"
         )
     topk = fields.get("moe_router_topk", 2) if moe.moe_router_topk is None else moe.moe_router_topk
