@@ -54,9 +54,13 @@ def _batch(objective, loss_mask: torch.Tensor) -> dict:
     """A micro-batch of B one-sample rows for ``objective`` (masks are [b, s])."""
     device = loss_mask.device
     if objective.unit is Unit.ROLLOUT:
+        # The negative rows 1 and 3 share their first tokens with a positive (divergent mode).
+        shared_prefix = torch.zeros_like(loss_mask, dtype=torch.bool)
+        shared_prefix[1, :2] = shared_prefix[3, :5] = True
         return {
             "loss_mask": loss_mask,
             "rewards": torch.tensor([1.0, -0.2, 0.0, -3.0], device=device),
+            "shared_prefix": shared_prefix & loss_mask.bool(),
         }
     b, s = loss_mask.shape
     batch = {
