@@ -25,6 +25,7 @@ from tests.workers.train_runs import (
     read_metrics,
     run_trainer,
     start_ranks_without_launcher,
+    tiny_run_args,
     wait_ranks,
 )
 
@@ -71,35 +72,14 @@ def assets(tmp_path_factory):
 
 
 def run_args(assets) -> list[str]:
-    return [
-        "--data-path",
-        assets["data"],
-        "--pretrained-checkpoint",
-        assets["release_4layers"],
-        "--objective",
-        "rift",
-        "--seq-length",
-        "32",
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "8",
-        "--train-iters",
-        str(STEPS),
-        "--lr",
-        "1e-3",
-        "--seed",
-        "5",
-    ]
+    return tiny_run_args(assets["data"], assets["release_4layers"], steps=STEPS)
 
 
 def dpo_args(assets, ref) -> list[str]:
     """DPO on the pairs dataset with reference log-probs precomputed by the tool into ``ref``."""
     return [
-        *["--data-path", assets["pairs"], "--pretrained-checkpoint", assets["release_4layers"]],
-        *["--objective", "dpo", "--ref-logprobs", str(ref), "--seq-length", "32"],
-        *["--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(STEPS)],
-        *["--lr", "1e-3", "--seed", "3"],
+        *tiny_run_args(assets["pairs"], assets["release_4layers"], "dpo", steps=STEPS, seed=3),
+        *["--ref-logprobs", str(ref)],
     ]
 
 

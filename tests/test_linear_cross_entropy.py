@@ -34,6 +34,7 @@ from tests.workers.train_runs import (
     reference_run,
     run_trainer,
     tiny_rift_args,
+    tiny_run_args,
 )
 
 TOLERANCE = 1e-5
@@ -172,26 +173,8 @@ def work(tmp_path_factory):
 
 def _dpo_args(assets, ref) -> list[str]:
     return [
-        "--data-path",
-        assets["pairs"],
-        "--pretrained-checkpoint",
-        assets["release"],
-        "--objective",
-        "dpo",
-        "--ref-logprobs",
-        str(ref),
-        "--seq-length",
-        "32",
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "8",
-        "--train-iters",
-        "5",
-        "--lr",
-        "1e-3",
-        "--seed",
-        "3",
+        *tiny_run_args(assets["pairs"], assets["release"], "dpo", steps=5, seed=3),
+        *["--ref-logprobs", str(ref)],
     ]
 
 

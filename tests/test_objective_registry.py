@@ -21,7 +21,12 @@ from megatron_rift.objectives import (  # noqa: E402
     register,
     unregister,
 )
-from tests.workers.train_runs import prepared_assets, read_metrics, run_trainer  # noqa: E402
+from tests.workers.train_runs import (  # noqa: E402
+    prepared_assets,
+    read_metrics,
+    run_trainer,
+    tiny_run_args,
+)
 
 SCALE = 3.0
 NAME = "scaled_sft_for_test"
@@ -67,31 +72,16 @@ def assets(tmp_path_factory):
 def test_a_plugin_objective_trains_through_the_trainer(assets, tmp_path):
     """Step 1's loss is computed before any update, from the same weights and batch: the plugin's
     loss and gradient norm must be SCALE x SFT's, and its metrics (the same CE) must agree."""
-    common = [
-        "--data-path",
-        assets["data"],
-        "--pretrained-checkpoint",
-        assets["release"],
-        "--seq-length",
-        "32",
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "8",
-        "--train-iters",
-        "2",
-        "--lr",
-        "1e-3",
-        "--seed",
-        "5",
-    ]
     runs = {}
     for objective in ("sft", NAME):
         metrics = tmp_path / f"{objective}.jsonl"
         _, output = run_trainer(
             tmp_path / objective,
             1,
-            [*common, "--plugin", __name__, "--objective", objective, "--log-file", str(metrics)],
+            [
+                *tiny_run_args(assets["data"], assets["release"], objective, steps=2),
+                *["--plugin", __name__, "--log-file", str(metrics)],
+            ],
         )
         assert f"objective {objective}" in output
         runs[objective] = read_metrics(metrics)

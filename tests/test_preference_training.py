@@ -20,6 +20,7 @@ from tests.workers.train_runs import (
     read_metrics,
     run_trainer,
     start_ranks_without_launcher,
+    tiny_run_args,
     wait_ranks,
 )
 
@@ -124,24 +125,7 @@ def test_reference_logprobs_match_the_hf_model_at_tp1_tp2_and_dp2(assets, work, 
 def _train(run_dir, assets, objective, nproc=1, data=None, extra=()):
     metrics = run_dir / "metrics.jsonl"
     args = [
-        "--data-path",
-        data or assets["pairs"],
-        "--pretrained-checkpoint",
-        assets["release"],
-        "--objective",
-        objective,
-        "--seq-length",
-        "32",
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "8",
-        "--train-iters",
-        str(STEPS),
-        "--lr",
-        "1e-3",
-        "--seed",
-        "3",
+        *tiny_run_args(data or assets["pairs"], assets["release"], objective, STEPS, seed=3),
         "--log-file",
         str(metrics),
         *extra,

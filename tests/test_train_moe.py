@@ -20,6 +20,7 @@ from tests.workers.train_runs import (
     read_metrics,
     run_trainer,
     start_ranks_without_launcher,
+    tiny_run_args,
     wait_ranks,
 )
 
@@ -56,24 +57,7 @@ def moe_release(base, assets):
 def moe_args(assets, release, ckpt):
     """5 steps of RIFT, global batch 8 (micro-batches of 2), z-loss on, a save every 2 steps."""
     return [
-        "--data-path",
-        assets["data"],
-        "--pretrained-checkpoint",
-        release,
-        "--objective",
-        "rift",
-        "--seq-length",
-        "32",
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "8",
-        "--train-iters",
-        str(STEPS),
-        "--lr",
-        "1e-3",
-        "--seed",
-        "5",
+        *tiny_run_args(assets["data"], release, steps=STEPS),
         "--moe-z-loss-coeff",
         "1e-3",
         "--save",

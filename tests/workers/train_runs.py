@@ -208,30 +208,24 @@ def cached_run(base: Path, name: str, nproc: int, args: list[str]) -> dict[int, 
     return read_metrics(metrics)
 
 
-def tiny_rift_args(assets: dict) -> list[str]:
-    """One epoch (48 rollouts / 8 = 6 steps) of RIFT from the shared release checkpoint.
-
-    The lr is high for a fine-tune so that each step moves the loss visibly."""
+def tiny_run_args(
+    data: str, checkpoint: str, objective: str = "rift", steps: int | None = None, seed: int = 5
+) -> list[str]:
+    """The flags every tiny training run shares: ``objective`` on the packed ``data`` from the
+    converted ``checkpoint``, rows of 32 tokens, micro-batches of 2, global batch 8, ``steps``
+    optimizer steps (None: one epoch). The lr is high for a fine-tune so that each step moves the
+    loss visibly."""
+    length = ["--epochs", "1"] if steps is None else ["--train-iters", str(steps)]
     return [
-        "--data-path",
-        assets["data"],
-        "--pretrained-checkpoint",
-        assets["release"],
-        "--objective",
-        "rift",
-        "--seq-length",
-        "32",
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "8",
-        "--epochs",
-        "1",
-        "--lr",
-        "1e-3",
-        "--seed",
-        "5",
+        *["--data-path", data, "--pretrained-checkpoint", checkpoint, "--objective", objective],
+        *["--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8", *length],
+        *["--lr", "1e-3", "--seed", str(seed)],
     ]
+
+
+def tiny_rift_args(assets: dict) -> list[str]:
+    """One epoch (48 rollouts / 8 = 6 steps) of RIFT from the shared release checkpoint."""
+    return tiny_run_args(assets["data"], assets["release"])
 
 
 def reference_run(base: Path) -> dict[int, dict]:
