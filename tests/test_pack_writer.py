@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
@@ -25,9 +27,11 @@ def test_add_documents_writes_what_add_document_writes(tmp_path):
     one.finalize(str(tmp_path / "one.idx"))
 
     bulk = IndexedDatasetBuilder(str(tmp_path / "bulk.bin"), dtype=TOKEN_DTYPE.type)
+    crc = 0
     for toks, ls in zip(tokens, lengths):
-        add_documents(bulk, toks, ls)
+        crc = add_documents(bulk, toks, ls, crc)
     bulk.finalize(str(tmp_path / "bulk.idx"))
+    assert crc == zlib.crc32((tmp_path / "bulk.bin").read_bytes())  # the packer records it
 
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"bulk{suffix}").read_bytes() == (tmp_path / f"one{suffix}").read_bytes()

@@ -3,6 +3,7 @@ policy, trained spans and token counts; then the statistics ``PREFIX.json`` reco
 
 from __future__ import annotations
 
+import zlib
 from array import array
 
 import numpy as np
@@ -27,6 +28,7 @@ class DatasetWriter:
         self.prompt_tokens = self.response_tokens = self.loss_tokens = 0
         self.overlong = self.overlong_dropped = self.overlong_truncated = 0
         self.pairs_dropped = 0
+        self.bin_crc32 = 0  # of every byte written to the .bin, so it is not read back for it
 
     @property
     def builder(self):
@@ -70,7 +72,12 @@ class DatasetWriter:
                 self.loss_tokens += span_end - span_start
         if lengths:
             whole = len(lengths) == len(indices) and sum(lengths) == chunk.tokens.size
-            add_documents(self.builder, chunk.tokens if whole else np.concatenate(pieces), lengths)
+            self.bin_crc32 = add_documents(
+                self.builder,
+                chunk.tokens if whole else np.concatenate(pieces),
+                lengths,
+                self.bin_crc32,
+            )
 
     def _fit(
         self, j: int, where: Location, chunk: EncodedChunk, response_end: int
@@ -116,19 +123,21 @@ class DatasetWriter:
         return rows
 
 
-def add_documents(builder, tokens: np.ndarray, lengths: list[int]) -> None:
+def add_documents(builder, tokens: np.ndarray, lengths: list[int], crc32: int = 0) -> int:
     """``builder.add_document(doc, [len(doc)])`` for consecutive one-sequence documents ``tokens``
     (the documents concatenated, ``lengths`` tokens each), in one write: the per-call cost of
     Megatron's ``IndexedDatasetBuilder.add_document`` was a tenth of packing's CPU time. Writes
     the same ``.bin`` bytes and index (tests/test_pack_rollouts.py compares the two); relies on
     the builder's ``data_file`` / ``sequence_lengths`` / ``document_indices``, unchanged from
-    megatron-core 0.16.1 to 0.19.2."""
+    megatron-core 0.16.1 to 0.19.2. Returns ``crc32`` extended over the bytes written."""
     if builder.multimodal:
         raise ValueError("add_documents writes text datasets only")
-    builder.data_file.write(np.ascontiguousarray(tokens, dtype=builder.dtype).tobytes())
+    data = np.ascontiguousarray(tokens, dtype=builder.dtype).tobytes()
+    builder.data_file.write(data)
     first = len(builder.sequence_lengths)
     builder.sequence_lengths.extend(lengths)
     builder.document_indices.extend(range(first + 1, first + 1 + len(lengths)))
+    return zlib.crc32(data, crc32)
 
 
 def statistics(

@@ -140,12 +140,18 @@ def description_crc32(info: dict) -> int:
 
 
 def record_checksums(
-    prefix: str, info: dict, spans_path: str | None, shared_prefix_path: str | None = None
+    prefix: str,
+    info: dict,
+    spans_path: str | None,
+    shared_prefix_path: str | None = None,
+    bin_crc32: int | None = None,
 ) -> dict:
     """The ``"checksums"`` entry the packer writes into ``info`` (files under their final names'
-    suffixes; ``prefix`` may be a temporary location)."""
+    suffixes; ``prefix`` may be a temporary location). ``bin_crc32``: the ``.bin``'s, when the
+    writer computed it as it wrote (the one large file is then not read again)."""
     paths = output_paths(prefix)
-    sums = {suffix: file_crc32(paths[suffix]) for suffix in (".bin", ".idx", ".rewards.npy")}
+    sums = {suffix: file_crc32(paths[suffix]) for suffix in (".idx", ".rewards.npy")}
+    sums[".bin"] = file_crc32(paths[".bin"]) if bin_crc32 is None else bin_crc32
     if spans_path is not None:
         sums[LOSS_SPANS_SUFFIX] = file_crc32(spans_path)
     if shared_prefix_path is not None:

@@ -375,7 +375,11 @@ def _pack_into(config: PackConfig, tokenizer: RolloutTokenizer, paths: dict[str,
     # crc32 of every file and of this description: a damaged copy is refused, not trained on.
     spans_file = paths["data"] + LOSS_SPANS_SUFFIX if loss_spans else None
     summary[CHECKSUMS_KEY] = record_checksums(
-        paths["data"], summary, spans_file, paths["data"] + SHARED_PREFIX_SUFFIX
+        paths["data"],
+        summary,
+        spans_file,
+        paths["data"] + SHARED_PREFIX_SUFFIX,
+        bin_crc32=writer.bin_crc32,
     )
     with open(paths[".json"], "w") as handle:
         json.dump(summary, handle, indent=2)
