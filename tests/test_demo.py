@@ -165,8 +165,14 @@ def test_problems_file_runs_the_same_pipeline(tmp_path):
     records = _user_records()
     problems.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     out = tmp_path / "demo"
+    # With the base chosen by held-out competence (the evidence preset's way): a checkpoint every
+    # 2 of the base's 5 steps (4 epochs of 40 problems at batch 32), and a ceiling no checkpoint
+    # can be above.
     proc = _demo(
-        ["--output-dir", str(out), "--problems", str(problems), "--methods", "rift"], tmp_path
+        ["--output-dir", str(out), "--problems", str(problems), "--methods", "rift"]
+        + ["--base-competence-ceiling", "1.0", "--base-checkpoint-interval", "2"]
+        + ["--base-epochs", "4"],
+        tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     seed = out / "seed0"
@@ -175,6 +181,16 @@ def test_problems_file_runs_the_same_pipeline(tmp_path):
     train = _read_jsonl(seed / "problems" / "train.jsonl")
     assert len(base) == 80 and len(train) == 80
     assert {p["question"] for p in base}.isdisjoint(p["question"] for p in train)
+    # Half of the base problems are held out of its data to score its checkpoints; with nothing
+    # above the ceiling the newest is the base, scored once, and the tracker names it.
+    trained_on = {r["prompt"] for r in _read_jsonl(seed / "records" / "base.jsonl")}
+    assert len(trained_on) == 40 and trained_on < {p["prompt"] for p in base}
+    selection = json.loads((seed / "run.json").read_text())["base_selection"]
+    saved = sorted(int(p.name[5:]) for p in (seed / "base" / "ckpt").glob("iter_*"))
+    assert len(saved) >= 2 and selection["chosen_iteration"] == saved[-1]
+    assert list(selection["held_out_competence"]) == [str(saved[-1])]
+    tracker = (seed / "base" / "ckpt" / "latest_checkpointed_iteration.txt").read_text()
+    assert int(tracker) == saved[-1]
     assert {p["question"] for p in _read_jsonl(seed / "problems" / "test.jsonl")} == {
         r["question"] for r in records if r["split"] == "test"
     }

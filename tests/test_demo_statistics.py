@@ -85,7 +85,8 @@ def test_evidence_preset_and_flags():
     args = build_parser().parse_args(["--preset", "evidence", "--test-problems", "50"])
     cfg = config_from_args(args)
     assert num_seeds(args) == 3 and cfg.sweep_lr and cfg.test_problems == 50  # flag overrides
-    assert cfg.train_problems == 384 and "rift-divergent" in cfg.methods
+    assert cfg.train_problems == 1024 and "rift-divergent" in cfg.methods
+    assert cfg.base_competence_ceiling == 0.40 and not cfg.sweep_every_seed
     assert set(TABLE6) <= set(cfg.methods) and cfg.naive_collapse_lrs
     args = build_parser().parse_args(["--table6", "--naive-collapse-lrs", "1e-3"])
     cfg = config_from_args(args)

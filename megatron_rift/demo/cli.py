@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "num_layers",
         "hidden_size",
         "max_new_tokens",
+        "base_checkpoint_interval",
     ):
         p.add_argument(
             "--" + name.replace("_", "-"),
@@ -146,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"default {getattr(d, name)}",
         )
+    p.add_argument(
+        "--base-competence-ceiling",
+        type=_share,
+        default=None,
+        metavar="SHARE",
+        help="choose the base among checkpoints saved every --base-checkpoint-interval steps: "
+        "the newest whose share of right samples on pretraining problems held out of its data "
+        "is at most SHARE (e.g. 0.5), so every seed starts from a partly competent base "
+        f"(default {d.base_competence_ceiling}: the last checkpoint)",
+    )
     for name in ("base_epochs", "finetune_epochs", "base_lr"):
         p.add_argument(
             "--" + name.replace("_", "-"),
@@ -154,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"default {getattr(d, name)}",
         )
     return p
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share between 0 and 1")
+    return value
 
 
 def _parse_lrs(text: str, flag: str = "--sweep-lrs") -> tuple[float, ...]:
@@ -251,8 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     per_seed = []
     try:
+        seed_cfg = cfg
         for seed in range(cfg.seed, cfg.seed + num_seeds(args)):
-            per_seed.append(DemoRun(cfg, seed, out / f"seed{seed}").run())
+            per_seed.append(DemoRun(seed_cfg, seed, out / f"seed{seed}").run())
+            if cfg.sweep_lr and not cfg.sweep_every_seed:
+                # The first seed's validation split chose the rates; the other seeds reuse them.
+                seed_cfg = dataclasses.replace(
+                    cfg, sweep_lr=False, method_lr={**cfg.method_lr, **per_seed[0]["lrs"]}
+                )
             # Each seed's own record, so seeds run as separate jobs can be aggregated later.
             (out / f"seed{seed}" / "run.json").write_text(json.dumps(per_seed[-1], indent=1) + "\n")
     except StageError as error:

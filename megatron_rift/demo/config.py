@@ -79,6 +79,12 @@ class DemoConfig:
     base_epochs: float = 1.2
     base_lr: float = 3e-3
     base_global_batch: int = 16
+    # None: the base is the run's last checkpoint. A share (e.g. 0.5): the newest checkpoint, one
+    # every base_checkpoint_interval steps, whose competence on base_holdout_problems pretraining
+    # problems held out of its data is at most this (demo/base_selection.py says why).
+    base_competence_ceiling: float | None = None
+    base_checkpoint_interval: int = 250
+    base_holdout_problems: int = 128
     # Fine-tuning, the paper's recipe scaled down: AdamW, cosine, 5% warmup, global batch 64, 3 epochs.
     finetune_epochs: float = 3.0
     finetune_global_batch: int = 64
@@ -90,6 +96,9 @@ class DemoConfig:
     sweep_lr: bool = False
     sweep_lrs: tuple = SWEEP_LRS
     sweep_extensions: int = 0  # rates tried past the grid's edge when the best sits on it
+    # With several seeds: False sweeps on the first seed's validation split and reuses its rates
+    # for the others (the paper's practice: one rate per method); True sweeps every seed.
+    sweep_every_seed: bool = False
     tensor_parallel: int = 1
     rounds: int = 1  # 2: iterative RIFT (paper appendix A.2)
     # With `naive` among the methods: more runs of it at these lrs (and at RIFT's, if its own

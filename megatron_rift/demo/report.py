@@ -107,6 +107,29 @@ def paired_markdown(paired: dict, k: int, references: tuple[str, ...] = ("base",
     return "\n".join(lines)
 
 
+def seeds_markdown(per_seed: list[dict], k: int) -> str:
+    """One row per seed: the base's competence on its rollouts (and the checkpoint chosen, when
+    the base was chosen by held-out competence) and RFT's ID change from that base."""
+    lines = [
+        f"| seed | base: rollouts right | problems mixed | base step | base ID Mean@{k} "
+        f"| rft − base, ID Mean@{k} |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in per_seed:
+        c, results = run.get("competence") or {}, run["results"]
+        selection = run.get("base_selection") or {}
+        step = selection.get("chosen_iteration", "last")
+        base = results.get("base", {}).get("benchmarks", {}).get("test", {}).get("mean_at_k")
+        rft = results.get("rft", {}).get("benchmarks", {}).get("test", {}).get("mean_at_k")
+        change = "-" if base is None or rft is None else f"{100 * (rft - base):+.1f}"
+        base_cell = "-" if base is None else f"{100 * base:.1f}"
+        lines.append(
+            f"| {c.get('seed', '?')} | {100 * c.get('correct_fraction', 0):.1f}% "
+            f"| {100 * c.get('mixed_fraction', 0):.1f}% | {step} | {base_cell} | {change} |"
+        )
+    return "\n".join(lines)
+
+
 def write_results(
     out_dir: Path,
     summary: dict,
@@ -127,7 +150,8 @@ def write_results(
         "wall_s": None if wall_s is None else round(wall_s, 1),
         "config": config,
         "per_seed": [
-            {key: run[key] for key in ("lrs", "data", "timings_s", "skipped")} for run in per_seed
+            {key: run.get(key) for key in ("lrs", "data", "timings_s", "skipped", "base_selection")}
+            for run in per_seed
         ],
     }
     tmp = path.with_name(path.name + ".tmp")
@@ -212,6 +236,7 @@ def write_reports(
             "interval over problems; an interval containing 0 is a tie:\n\n"
             + paired_markdown(paired, k)
         )
+    table += "\n\nPer seed:\n\n" + seeds_markdown(per_seed, k)
     (out_dir / "results.md").write_text(table + "\n")
     write_results(out_dir, summary, per_seed, config, k, paired, wall_s)
     first_seed = out_dir / f"seed{config.get('seed', 0)}"

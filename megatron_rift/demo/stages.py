@@ -156,6 +156,7 @@ def train_config(
     pretrained: Path | None = None,
     seed: int | None = None,
     negative_mode: str = "token",
+    save_interval: int | None = None,
 ) -> TrainConfig:
     """The trainer's configuration for one demo run: the paper's recipe scaled down (AdamW,
     cosine to lr/10, 5% warmup, no weight decay, gradient clip 1)."""
@@ -180,7 +181,9 @@ def train_config(
         ),
         architecture=architecture(cfg) if pretrained is None else ArchitectureConfig(),
         checkpoint=CheckpointConfig(
-            save=str(save), pretrained_checkpoint=None if pretrained is None else str(pretrained)
+            save=str(save),
+            pretrained_checkpoint=None if pretrained is None else str(pretrained),
+            save_interval=save_interval,
         ),
         logging=LoggingConfig(log_file=str(log_dir / "metrics.jsonl"), log_interval=10),
     )
@@ -210,6 +213,7 @@ def train(
     pretrained: Path | None = None,
     seed: int | None = None,
     negative_mode: str = "token",
+    save_interval: int | None = None,
 ) -> Path:
     """Run the trainer; returns its metrics.jsonl. From scratch when ``pretrained`` is None."""
     config = train_config(
@@ -224,6 +228,7 @@ def train(
         pretrained,
         seed,
         negative_mode,
+        save_interval,
     )
     config_file = save_config(config, log_dir / "train_config.json")
     cmd = _launcher(cfg) + ["-m", "megatron_rift.train", "--config", str(config_file)]
